@@ -1,0 +1,57 @@
+"""The ``policylink`` command line.
+
+Each subcommand is a module of this package with ``add_parser(subparsers)``;
+flags follow the field's dotted style (``--policy.path``, ``--policy.type``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+__all__ = ["main", "build_parser"]
+
+#: Subcommand modules, in the order ``--help`` lists them.
+COMMANDS = ("serve", "infer", "demo")
+
+DESCRIPTION = """\
+policylink: remote inference for learned robot policies.
+
+A policy runs on a server (GPU box); a robot or simulator elsewhere sends
+observations and executes the action chunks that come back.
+"""
+
+EPILOG = """\
+examples:
+  policylink serve --policy.type replay --port 8000     serve a built-in policy
+  policylink serve                                      idle server, clients choose the model
+  policylink infer --server ws://127.0.0.1:8000         one request, print the chunk and timing
+  policylink demo                                       local server + client, no checkpoint needed
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="policylink", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging verbosity (default: info)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # print a clear one-line error, not a traceback
+        if args.log_level == "debug":
+            raise
+        print(f"policylink {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,173 @@
+"""``PolicyClient``: the thin, torch-free client that runs on the robot."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import websockets
+
+from ..codec import DEFAULT_MAX_MESSAGE_BYTES
+from ..errors import ConnectionFailed, PolicyLinkError, ProtocolError
+from ..types import Observation, PolicyMetadata
+from .websocket import WebSocketTransport
+
+__all__ = ["PolicyClient", "ActionChunk"]
+
+logger = logging.getLogger("policylink.client")
+
+_COMMAND_KEY = "__command__"
+
+
+class ActionChunk(np.ndarray):
+    """A ``(horizon, action_dim)`` float32 array that also carries the server's reply.
+
+    It is a plain numpy array for arithmetic and indexing; the other reply
+    fields are in :attr:`reply`, and ``chunk["actions"]`` /
+    ``chunk["server_timing"]`` work as on openpi's reply dict.
+    """
+
+    reply: dict[str, Any]
+
+    def __new__(cls, reply: dict[str, Any]) -> ActionChunk:
+        actions = np.asarray(reply.get("actions"), dtype=np.float32)
+        if actions.ndim == 1:
+            actions = actions[None, :]
+        if actions.ndim != 2:
+            raise ProtocolError(f"reply 'actions' must be (horizon, action_dim), got shape {actions.shape}")
+        chunk = actions.view(cls)
+        chunk.reply = {**reply, "actions": actions}
+        return chunk
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.reply = getattr(obj, "reply", {})
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return self.reply[key]
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.reply.get(key, default)
+
+    def keys(self) -> Any:
+        return self.reply.keys()
+
+    @property
+    def server_timing(self) -> dict[str, float]:
+        return dict(self.reply.get("server_timing") or {})
+
+
+class PolicyClient:
+    """Talks to a policy server; ``client.infer(obs)`` returns an :class:`ActionChunk`.
+
+    >>> client = PolicyClient("ws://gpu-box:8000")            # doctest: +SKIP
+    >>> chunk = client.infer({"observation.state": state})    # doctest: +SKIP
+    >>> chunk.shape                                           # doctest: +SKIP
+    (16, 6)
+
+    ``timeout`` bounds each request (seconds); ``connect_timeout`` bounds
+    waiting for a server that is not up yet, or that restarts: the client
+    reconnects and sends the request again once. A request that times out
+    raises :class:`~policylink.errors.InferenceTimeout`, and its late reply is
+    thrown away when it arrives.
+    """
+
+    def __init__(
+        self,
+        url: str = "ws://127.0.0.1:8000",
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        connect_timeout: float = 60.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        connect: bool = True,
+    ) -> None:
+        scheme = urlparse(url).scheme
+        if scheme not in ("ws", "wss"):
+            raise ValueError(f"unsupported server URL {url!r}: expected ws://host:port")
+        self.url = url
+        self.timeout = timeout
+        self._transport = WebSocketTransport(url, api_key, connect_timeout, max_message_bytes)
+        self.reconnects = 0
+        if connect:
+            self._transport.connect()
+
+    # -- metadata ---------------------------------------------------------
+
+    @property
+    def server_metadata(self) -> dict[str, Any]:
+        """The raw metadata frame the server sent on connect."""
+        if not self._transport.connected:
+            self._transport.connect()
+        return self._transport.metadata_frame
+
+    def get_server_metadata(self) -> dict[str, Any]:
+        """Same as :attr:`server_metadata` (openpi-client's name)."""
+        return self.server_metadata
+
+    @property
+    def metadata(self) -> PolicyMetadata | None:
+        """The served policy's metadata, or ``None`` when the server is idle."""
+        frame = self.server_metadata
+        if frame.get("status") == "idle" or "action_dim" not in frame:
+            return None
+        return PolicyMetadata.from_dict(frame)
+
+    # -- requests ---------------------------------------------------------
+
+    def infer(self, obs: Observation, timeout: float | None = None) -> ActionChunk:
+        """Send one observation; return the action chunk the policy computed for it."""
+        if not isinstance(obs, Mapping):
+            raise TypeError(f"obs must be a dict of arrays, got {type(obs).__name__}")
+        sent = time.perf_counter()
+        reply = self._request(dict(obs), timeout)
+        if not isinstance(reply, dict) or "actions" not in reply:
+            raise ProtocolError(f"server reply has no 'actions' (got {type(reply).__name__})")
+        chunk = ActionChunk(reply)
+        chunk.reply["client_timing"] = {"roundtrip_ms": (time.perf_counter() - sent) * 1e3}
+        return chunk
+
+    def reset(self) -> None:
+        """Ask the server to forget this client's episode state."""
+        self._request({_COMMAND_KEY: "reset"}, None)
+
+    def configure(self, policy_path: str, *, device: str | None = None, dtype: str | None = None, task: str | None = None, **options: Any) -> PolicyMetadata:
+        """Ask an (idle) server to load ``policy_path`` and serve it to this client."""
+        request = {_COMMAND_KEY: "configure", "policy_path": str(policy_path), **options}
+        request.update({key: value for key, value in (("device", device), ("dtype", dtype), ("task", task)) if value is not None})
+        reply = self._request(request, max(self.timeout, 600.0))
+        self._transport.metadata_frame = {key: value for key, value in reply.items() if key != "ok"}
+        return PolicyMetadata.from_dict(reply)
+
+    def _request(self, message: dict[str, Any], timeout: float | None) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            return self._transport.request(message, timeout)
+        except PolicyLinkError:
+            raise  # timeouts and server errors are not connection losses
+        except (websockets.ConnectionClosed, OSError) as exc:
+            # The server went away (restart, network blip): reconnect, send once more.
+            logger.warning("lost the connection to %s (%s); reconnecting", self.url, exc)
+            self._transport.close()
+            self._transport.connect()
+            self.reconnects += 1
+        try:
+            return self._transport.request(message, timeout)
+        except PolicyLinkError:
+            raise
+        except (websockets.ConnectionClosed, OSError) as exc:
+            self._transport.close()
+            raise ConnectionFailed(f"connection to {self.url} lost again after reconnecting: {exc}") from None
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,57 @@
+"""Run one or more protocol servers on one engine until Ctrl+C / SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from .engine import Engine
+
+__all__ = ["ProtocolServer", "run_servers"]
+
+logger = logging.getLogger("policylink.server")
+
+
+class ProtocolServer(Protocol):
+    """What every protocol adapter offers to the app."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def run_servers(
+    engine: Engine,
+    servers: Sequence[ProtocolServer],
+    on_ready: Callable[[], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Start ``servers``, wait for SIGINT/SIGTERM (or ``stop``), then shut down cleanly."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread / not supported
+            pass
+    started: list[ProtocolServer] = []
+    try:
+        for server in servers:
+            await server.start()
+            started.append(server)
+        if on_ready:
+            on_ready()
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        for server in reversed(started):
+            await server.close()
+        engine.close()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(signum)
+            except (NotImplementedError, RuntimeError):
+                pass
