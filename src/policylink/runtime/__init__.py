@@ -1,0 +1,1 @@
+"""The client runtime: a fixed-rate control loop executing action chunks."""
