@@ -1,0 +1,59 @@
+"""Write one benchmark's table into BENCHMARKS.md, replacing only its own section."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+__all__ = ["machine_line", "write_section", "percentile_ms"]
+
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+HEADER = "# Benchmarks\n\nEvery section is written by the script named in it; `make bench` reruns them all.\n"
+
+
+def machine_line() -> str:
+    """Which machine, when: enough to compare runs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    gpu = ""
+    try:
+        import torch  # noqa: PLC0415 - optional
+
+        if torch.cuda.is_available():
+            gpu = f", GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    today = datetime.date.today().isoformat()
+    return f"{platform.machine()}, {os.cpu_count()} CPUs ({cpu}){gpu}, Python {platform.python_version()}, {today}"
+
+
+def percentile_ms(samples_s: list[float], q: float) -> float:
+    """The q-th percentile of durations given in seconds, in milliseconds."""
+    ordered = sorted(samples_s)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index] * 1e3
+
+
+def write_section(title: str, body: str, command: str | None = None) -> None:
+    """Replace (or append) the ``## title`` section of BENCHMARKS.md."""
+    command = command or "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    section = f"## {title}\n\nMachine: {machine_line()}  \nCommand: `{command}`\n\n{body.strip()}\n"
+    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text)
+    else:
+        text = text.rstrip() + "\n\n" + section
+    BENCHMARKS_MD.write_text(text.rstrip() + "\n")
+    print(f"wrote section '{title}' of {BENCHMARKS_MD}")

@@ -1,0 +1,203 @@
+"""Batching requests across clients: same answers as alone, busy, disconnects, per-client state."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from policylink import PolicyClient, ServerBusy, ServerError
+from policylink.codec import packb
+from policylink.server.engine import BatchOptions, Engine
+from policylink.types import Feature, Observation, Policy, PolicyMetadata, Reply
+
+STATE_DIM, ACTION_DIM, HORIZON = 5, 3, 4
+
+
+class LinearPolicy(Policy):
+    """actions[t] = W_t @ state, computed for a whole batch with one einsum.
+
+    Each client session counts its own calls (``reply["calls"]``) to show that
+    per-client state stays per client. ``obs["sleep_s"]`` slows a batch down.
+    """
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.weights = rng.standard_normal((HORIZON, ACTION_DIM, STATE_DIM)).astype(np.float32)
+        self._metadata = PolicyMetadata(
+            action_dim=ACTION_DIM, horizon=HORIZON, input_features={"observation.state": Feature((STATE_DIM,))}, model_id="test/linear"
+        )
+        self.calls = 0
+        self.batches: list[int] = []
+        self.seen_tags: list[float] = []
+
+    @property
+    def metadata(self) -> PolicyMetadata:
+        return self._metadata
+
+    def session(self) -> LinearPolicy:
+        clone = object.__new__(LinearPolicy)
+        clone.__dict__.update(self.__dict__)
+        clone.calls = 0
+        return clone
+
+    def batch_key(self, obs: Observation):
+        return np.shape(obs["observation.state"])
+
+    def infer(self, obs: Observation) -> Reply:
+        return self.infer_batch([self], [obs])[0]
+
+    def infer_batch(self, sessions: Sequence[Policy], observations: Sequence[Observation]) -> list[Reply]:
+        self.batches.append(len(observations))
+        self.seen_tags.extend(float(obs.get("tag", -1)) for obs in observations)
+        time.sleep(max(float(obs.get("sleep_s", 0.0)) for obs in observations))
+        states = np.stack([np.asarray(obs["observation.state"], np.float32) for obs in observations])
+        actions = np.einsum("tas,bs->bta", self.weights, states)
+        replies = []
+        for session, chunk in zip(sessions, actions):
+            session.calls += 1
+            replies.append({"actions": chunk, "calls": session.calls})
+        return replies
+
+
+def alone(policy: LinearPolicy, state: np.ndarray) -> np.ndarray:
+    return np.einsum("tas,s->ta", policy.weights, state).astype(np.float32)
+
+
+def run_concurrently(count: int, work) -> list:
+    results: list = [None] * count
+    barrier = threading.Barrier(count)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:  # collected and checked by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results
+
+
+def test_concurrent_clients_get_the_actions_they_would_get_alone(serve):
+    policy = LinearPolicy()
+    server = serve(Engine(policy, batching=BatchOptions(max_batch=8, batch_timeout_ms=300)))
+    states = np.random.default_rng(1).standard_normal((8, STATE_DIM)).astype(np.float32)
+    clients = [PolicyClient(server.url) for _ in range(8)]
+    try:
+        chunks = run_concurrently(8, lambda i: clients[i].infer({"observation.state": states[i]}))
+    finally:
+        for client in clients:
+            client.close()
+    for i, chunk in enumerate(chunks):
+        assert not isinstance(chunk, Exception), chunk
+        np.testing.assert_allclose(chunk, alone(policy, states[i]), rtol=1e-6, atol=1e-6)
+        assert chunk.server_timing["batch_size"] >= 1
+        assert {"queue_ms", "infer_ms", "decode_ms"} <= set(chunk.server_timing)
+    assert max(policy.batches) > 1, f"no batch formed: {policy.batches}"
+    assert sum(policy.batches) == 8
+    assert max(chunk.server_timing["batch_size"] for chunk in chunks) == max(policy.batches)
+
+
+def test_requests_of_different_shapes_do_not_share_a_batch(serve):
+    policy = LinearPolicy()
+    server = serve(Engine(policy, batching=BatchOptions(max_batch=8, batch_timeout_ms=200)))
+    good = np.ones(STATE_DIM, np.float32)
+    clients = [PolicyClient(server.url) for _ in range(4)]
+
+    def work(i: int):
+        state = good if i % 2 == 0 else np.ones(STATE_DIM + 1, np.float32)
+        return clients[i].infer({"observation.state": state})
+
+    try:
+        results = run_concurrently(4, work)
+    finally:
+        for client in clients:
+            client.close()
+    for i in (0, 2):
+        np.testing.assert_allclose(results[i], alone(policy, good), rtol=1e-6)
+    for i in (1, 3):  # the wrong-shaped ones fail on their own, the others are unharmed
+        assert isinstance(results[i], ServerError), results[i]
+        assert "inference failed: ValueError" in str(results[i])
+
+
+def test_per_client_state_never_leaks_across_batched_clients(serve):
+    policy = LinearPolicy()
+    server = serve(Engine(policy, batching=BatchOptions(max_batch=4, batch_timeout_ms=100)))
+    clients = [PolicyClient(server.url) for _ in range(4)]
+    state = np.zeros(STATE_DIM, np.float32)
+    try:
+        for round_ in range(1, 4):
+            results = run_concurrently(4, lambda i: clients[i].infer({"observation.state": state}))
+            assert [chunk["calls"] for chunk in results] == [round_] * 4
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_full_queue_answers_server_busy_and_recovers(serve):
+    policy = LinearPolicy()
+    server = serve(Engine(policy, batching=BatchOptions(max_batch=1, max_queue=2)))
+    clients = [PolicyClient(server.url, timeout=30) for _ in range(5)]
+    obs = {"observation.state": np.zeros(STATE_DIM, np.float32), "sleep_s": 0.5}
+    try:
+        results = run_concurrently(5, lambda i: clients[i].infer(obs))
+        busy = [r for r in results if isinstance(r, ServerBusy)]
+        served = [r for r in results if isinstance(r, np.ndarray)]
+        assert busy and served, results
+        assert len(busy) + len(served) == 5
+        assert "server busy" in str(busy[0]) and "limit 2" in str(busy[0])
+        # Once the queue drained, everyone is served again.
+        assert clients[0].infer({"observation.state": np.zeros(STATE_DIM, np.float32)}).shape == (HORIZON, ACTION_DIM)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_client_that_disconnects_while_queued_is_dropped(serve):
+    policy = LinearPolicy()
+    engine = Engine(policy, batching=BatchOptions(max_batch=4, batch_timeout_ms=0))
+    server = serve(engine)
+    state = np.zeros(STATE_DIM, np.float32)
+    with PolicyClient(server.url, timeout=30) as slow:
+        thread = threading.Thread(target=lambda: slow.infer({"observation.state": state, "sleep_s": 1.5, "tag": 1.0}))
+        thread.start()
+        time.sleep(0.3)  # the slow batch is running now
+        with connect(server.url) as ws:
+            ws.recv(timeout=5)
+            ws.send(packb({"observation.state": state, "tag": 99.0}))
+            time.sleep(0.2)  # queued behind the slow batch
+        thread.join(30)
+    with PolicyClient(server.url) as after:
+        after.infer({"observation.state": state, "tag": 2.0})
+    assert 99.0 not in policy.seen_tags
+    assert policy.seen_tags == [1.0, 2.0]
+
+
+def test_batching_off_runs_one_at_a_time(serve):
+    policy = LinearPolicy()
+    server = serve(Engine(policy, batching=BatchOptions(max_batch=1)))
+    clients = [PolicyClient(server.url) for _ in range(4)]
+    try:
+        results = run_concurrently(4, lambda i: clients[i].infer({"observation.state": np.ones(STATE_DIM, np.float32)}))
+    finally:
+        for client in clients:
+            client.close()
+    assert all(isinstance(r, np.ndarray) for r in results)
+    assert policy.batches == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("bad", [{"max_batch": 0}])
+def test_bad_batch_options_are_refused(bad):
+    from policylink.server.batching import BatchScheduler
+
+    with pytest.raises(ValueError, match="max_batch"):
+        BatchScheduler(LinearPolicy(), None, **bad)
