@@ -7,7 +7,7 @@ VENV := .venv
 PIP := $(VENV)/bin/python -m pip
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench proto clean-venv
 
 demo: $(VENV)/.client
 	$(VENV)/bin/policylink demo
@@ -32,10 +32,27 @@ $(VENV)/.client: pyproject.toml $(VENV)/bin/python
 # openpi-client pins numpy<2 while lerobot's stack needs numpy 2; its code runs
 # unchanged on numpy 2, so it is installed without its pins (its two other needs by hand).
 $(VENV)/.dev: pyproject.toml $(VENV)/bin/python
-	$(PIP) install $(PIP_FLAGS) -e ".[server,test]"
+	$(PIP) install $(PIP_FLAGS) -e ".[server,grpc,test,monitor,sim,vla,robot]"
 	$(PIP) install $(PIP_FLAGS) --no-deps "openpi-client==0.1.2"
 	$(PIP) install $(PIP_FLAGS) "dm-tree>=0.1.8" "pillow>=9"
+	# The monitor page is tested in Debian's Chromium (no browser download); CI runs as root.
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "note: install chromium and chromium-driver (apt) to run the monitor's browser test"; fi; \
+	fi
+	# MuJoCo (ALOHA, SO-100) renders headless through Mesa's software EGL: no GPU, no display.
+	@if ! /sbin/ldconfig -p | grep -q 'libEGL_mesa.so.0'; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri >/dev/null; \
+	  else echo "note: install libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri (apt) for the MuJoCo simulators"; fi; \
+	fi
 	touch $@ $(VENV)/.client
+
+# Regenerate the gRPC code in src/policylink/proto/ from proto/ (grpcio-tools matches the grpcio pin).
+proto: $(VENV)/.dev
+	$(PIP) install $(PIP_FLAGS) "grpcio-tools==1.73.1"
+	$(VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=src --pyi_out=src --grpc_python_out=src proto/policylink/proto/v1/policylink.proto
 
 clean-venv:
 	rm -rf $(VENV)

@@ -160,12 +160,18 @@ class WebSocketEchoFloor:
         self._thread.join(10)
 
 
-def _serve_in_this_process(kind: str, port: int, reply_size: int) -> None:
-    """Entry point for running a baseline server as its own process (see ``serve_process``)."""
+def _serve_in_this_process(kind: str, port: int, reply_size: int, policy_path: str = "", device: str = "cpu") -> None:
+    """Entry point for running a baseline server as its own process (see ``_process.baseline_server``)."""
     from policylink.policies import ConstantPolicy
 
     if kind == "openpi-style":
-        server = OpenpiStyleServer(ConstantPolicy(value=0.5, action_dim=14, horizon=50), port=port)
+        if policy_path:
+            from policylink.backends.lerobot import load_policy
+
+            policy = load_policy(policy_path, device=device)
+        else:
+            policy = ConstantPolicy(value=0.5, action_dim=14, horizon=50)
+        server = OpenpiStyleServer(policy, port=port)
     elif kind == "ws-echo":
         server = WebSocketEchoFloor(reply_size, port=port)
     elif kind == "raw-tcp":
@@ -183,4 +189,4 @@ def _serve_in_this_process(kind: str, port: int, reply_size: int) -> None:
 if __name__ == "__main__":
     import sys
 
-    _serve_in_this_process(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+    _serve_in_this_process(sys.argv[1], int(sys.argv[2]), *[int(sys.argv[3])] if len(sys.argv) > 3 else [0], *sys.argv[4:6])

@@ -50,17 +50,20 @@ def policylink_server(*flags: str, timeout: float = 120.0) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def baseline_server(kind: str, reply_size: int = 0) -> Iterator[int]:
+def baseline_server(kind: str, reply_size: int = 0, policy_path: str = "", device: str = "cpu") -> Iterator[int]:
     """A server from ``_baselines.py`` in its own process; yields the port."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, str(HERE / "_baselines.py"), kind, str(port), str(reply_size)],
+        [sys.executable, str(HERE / "_baselines.py"), kind, str(port), str(reply_size), policy_path, device],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
-        line = process.stdout.readline()
-        if not line.startswith("ready"):
-            raise RuntimeError(f"baseline {kind} did not start")
+        # Libraries may print while loading (lerobot does); wait for our own line.
+        for line in process.stdout:
+            if line.startswith("ready"):
+                break
+        else:
+            raise RuntimeError(f"baseline {kind} did not start (exit code {process.wait()})")
         yield port
     finally:
         process.terminate()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -159,6 +159,25 @@ class Policy(abc.ABC):
 
     def close(self) -> None:
         """Release resources (GPU memory, files) held by this policy."""
+
+    # -- batching across clients (optional) --------------------------------
+
+    def batch_key(self, obs: Observation) -> Hashable | None:
+        """Requests with equal keys may share one forward pass; ``None`` never batches.
+
+        Called on the served (root) policy. A policy that supports batching
+        returns something like the tuple of its input shapes.
+        """
+        return None
+
+    def infer_batch(self, sessions: Sequence[Policy], observations: Sequence[Observation]) -> list[Reply]:
+        """Answer several clients at once: ``observations[i]`` comes from ``sessions[i]``.
+
+        Called on the served (root) policy with the per-client session objects,
+        whose per-client state must be used and updated as ``infer`` would.
+        The default runs them one by one.
+        """
+        return [session.infer(obs) for session, obs in zip(sessions, observations)]
 
 
 def as_action_chunk(actions: Any, action_dim: int | None = None) -> np.ndarray:

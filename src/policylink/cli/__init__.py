@@ -14,7 +14,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("serve", "infer", "demo")
+COMMANDS = ("serve", "infer", "run", "demo", "inspect", "eval", "export")
 
 DESCRIPTION = """\
 policylink: remote inference for learned robot policies.
@@ -28,7 +28,11 @@ examples:
   policylink serve --policy.type replay --port 8000     serve a built-in policy
   policylink serve                                      idle server, clients choose the model
   policylink infer --server ws://127.0.0.1:8000         one request, print the chunk and timing
+  policylink run --server ws://HOST:8000 --mode async   drive a fake arm at 30 Hz, print loop statistics
   policylink demo                                       local server + client, no checkpoint needed
+  policylink inspect CHECKPOINT_DIR                     what a LeRobot checkpoint expects and returns
+  policylink eval --env pusht --policy.type random      run episodes in a simulator, print success rate
+  policylink export out/SESSION out/dataset             a recorded session as a LeRobot dataset
 """
 
 

@@ -6,8 +6,11 @@ import argparse
 from typing import Any
 
 from ..client import PolicyClient
+from ..envs.fake import FakeEnv
 from ..observations import example_observation
 from ..policies.builtin import ReplayPolicy
+from ..runtime.executor import Executor, ExecutorConfig
+from ..runtime.stats import format_summary
 from ..server.background import BackgroundServer
 from .infer import format_chunk_line
 
@@ -20,6 +23,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--requests", type=int, default=10, help="number of observations to send (default: 10)")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="simulated inference time of the built-in policy (default: 20)")
+    parser.add_argument("--loop-seconds", type=float, default=2.0, help="then drive a fake arm at 30 Hz (async) for this long and print the loop statistics; 0 skips it (default: 2)")
     parser.set_defaults(func=run)
 
 
@@ -32,5 +36,18 @@ def run(args: argparse.Namespace) -> int:
         for i in range(args.requests):
             chunk = client.infer(example_observation(metadata, seed=i))
             print(format_chunk_line(i, chunk))
+        if args.loop_seconds > 0:
+            _drive_fake_arm(client, args.loop_seconds)
     print("demo: done")
     return 0
+
+
+def _drive_fake_arm(client: PolicyClient, seconds: float) -> None:
+    """Run the control loop on a fake arm (async, 30 Hz) and print its statistics."""
+    fps = 30.0
+    steps = max(1, round(seconds * fps))
+    env = FakeEnv("single", cameras=["front"], image_size=(480, 640), episode_steps=steps, fps=fps)
+    print(f"demo: driving a fake 6-d arm for {steps} steps at {fps:g} Hz (async, latency compensation)")
+    with Executor(client, env, ExecutorConfig(mode="async", fps=fps)) as executor:
+        summary = executor.run(episodes=1)
+    print(format_summary(summary))

@@ -13,7 +13,10 @@ from ..types import Policy
 logger = logging.getLogger("policylink.server")
 
 HELP = """\
-Serve a policy over WebSocket (openpi-compatible msgpack protocol).
+Serve a policy over WebSocket (openpi-compatible msgpack protocol), and
+optionally over gRPC (--grpc-port), length-prefixed TCP (--tcp-port) and
+LeRobot's async-inference protocol (--lerobot-compat-port, --trust-pickle),
+all on the same model.
 
 Choose the policy with --policy.path (a LeRobot checkpoint directory; needs
 the [server] extra) or --policy.type (a built-in policy, no checkpoint). With
@@ -26,10 +29,85 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("serve", help="serve a policy to remote clients", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_policy_flags(parser)
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=8000, help="WebSocket port (default: 8000)")
-    parser.add_argument("--api-key", default=None, help="require this key from clients (header 'Authorization: Api-Key KEY')")
+    parser.add_argument("--ws-port", "--port", dest="port", type=int, default=8000, help="WebSocket port (default: 8000; --port is an alias)")
+    parser.add_argument("--api-key", default=None, help="require this key from clients (WebSocket header 'Authorization: Api-Key KEY'; gRPC metadata 'authorization: Bearer KEY' on every call)")
+    add_protocol_flags(parser)
     parser.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted, in MiB (default: 64)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="also serve Prometheus metrics on this port (they are always at /metrics on the WebSocket port)")
+    parser.add_argument("--max-models", type=int, metavar="N", default=2, help="models kept loaded for configure requests; least recently used evicted (default: 2)")
+    parser.add_argument("--model-memory-gb", type=float, metavar="GB", default=None, help="also evict when cached models' weights exceed this many GiB (default: no limit)")
+    batching = parser.add_argument_group("batching across clients")
+    batching.add_argument("--max-batch", type=int, default=8, help="largest batch of requests from different clients run in one forward pass; 1 turns batching off (default: 8)")
+    batching.add_argument("--batch-timeout-ms", type=float, default=2.0, help="how long a request waits for others to share its batch (default: 2)")
+    batching.add_argument("--max-queue", type=int, default=64, help="requests queued per model before new ones get 'server busy' (default: 64)")
     parser.set_defaults(func=run)
+
+
+def add_protocol_flags(parser: argparse.ArgumentParser) -> None:
+    """gRPC, TCP and LeRobot-compat listeners beside the WebSocket one (see docs/protocols.md)."""
+    group = parser.add_argument_group("more protocols on the same model (docs/protocols.md)")
+    group.add_argument("--grpc-port", type=int, default=None, help="also serve the typed gRPC protocol on this port (needs the [grpc] extra)")
+    group.add_argument("--tls-cert", default=None, help="gRPC: PEM certificate; with --tls-key the gRPC port speaks TLS (grpcs://)")
+    group.add_argument("--tls-key", default=None, help="gRPC: PEM private key for --tls-cert")
+    group.add_argument("--tcp-port", type=int, default=None, help="also serve length-prefixed TCP (4-byte big-endian length + msgpack) on this port")
+    group.add_argument("--lerobot-compat-port", "--lerobot-compat", dest="lerobot_compat_port", type=int, default=None, metavar="PORT",
+                       help="also serve LeRobot 0.4.4's async-inference gRPC service on this port; needs --trust-pickle")
+    group.add_argument("--lerobot-compat-host", default="127.0.0.1", help="address of the LeRobot-compat port (default: 127.0.0.1, this machine only)")
+    group.add_argument("--trust-pickle", action="store_true",
+                       help="admit pickled payloads (LeRobot compat, pickled TCP frames). DANGER: a pickle can run code on this server; "
+                            "payloads go through a restricted unpickler, but serve trusted clients only")
+    group.add_argument("--pickle-class", action="append", default=[], metavar="MODULE:CLASS",
+                       help="TCP pickles: a legacy client's observation class, rebuilt as a plain attribute bag (never imported); repeatable")
+
+
+def protocol_servers(args: argparse.Namespace, engine: Any) -> list[Any]:
+    """The extra listeners the flags ask for; raises ``ValueError`` for unsafe or incomplete flags."""
+    servers: list[Any] = []
+    max_bytes = int(args.max_message_mb * 2**20)
+    if args.lerobot_compat_port is not None and not args.trust_pickle:
+        raise ValueError("--lerobot-compat-port needs --trust-pickle: LeRobot's protocol sends pickles, which can run code on this server")
+    if args.trust_pickle:
+        print("policylink: WARNING: --trust-pickle: clients' pickled payloads are admitted; a crafted pickle can run code on this server. "
+              "They go through a restricted unpickler, but serve trusted clients on a trusted network only.", flush=True)
+    if args.grpc_port is not None:
+        try:
+            from ..server.grpc_server import GrpcServer
+        except ImportError as exc:
+            raise ValueError(f"--grpc-port needs the grpc extra: pip install 'policylink[grpc]' ({exc})") from None
+        servers.append(GrpcServer(engine, args.host, args.grpc_port, api_key=args.api_key, tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=max_bytes))
+    elif args.tls_cert or args.tls_key:
+        raise ValueError("--tls-cert/--tls-key secure the gRPC port: add --grpc-port")
+    if args.tcp_port is not None:
+        from ..server.tcp import TcpServer
+
+        servers.append(TcpServer(engine, args.host, args.tcp_port, max_frame_bytes=max_bytes, trust_pickle=args.trust_pickle, pickle_records=args.pickle_class))
+    if args.lerobot_compat_port is not None:
+        try:
+            from ..server.lerobot_compat import LeRobotCompatServer
+        except ImportError as exc:
+            raise ValueError(f"--lerobot-compat-port needs the server and grpc extras ({exc})") from None
+        servers.append(LeRobotCompatServer(engine, args.lerobot_compat_host, args.lerobot_compat_port, max_message_bytes=max_bytes))
+    return servers
+
+
+def describe_server(server: Any) -> str:
+    """``grpc://host:port`` and the like, for the start-up line."""
+    kind = type(server).__name__
+    if kind == "GrpcServer":
+        return f"{server.scheme}://{server.host}:{server.port}"
+    if kind == "TcpServer":
+        return f"tcp://{server.host}:{server.port}" + (" (msgpack + pickle)" if server.trust_pickle else " (msgpack)")
+    if kind == "LeRobotCompatServer":
+        return f"LeRobot async inference on {server.host}:{server.port}"
+    return kind
+
+
+def batch_options_from_args(args: argparse.Namespace) -> Any:
+    from ..server.engine import BatchOptions
+
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise ValueError("--max-batch and --max-queue must be at least 1")
+    return BatchOptions(max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms, max_queue=args.max_queue)
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +126,8 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--policy.actions", dest="actions", default=None, help="built-in replay: .npy/.npz file of recorded actions (default: a smooth sine trajectory)")
     group.add_argument("--device", default="auto", help="LeRobot checkpoints: cpu, cuda, cuda:N, mps or auto (default: auto)")
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="LeRobot checkpoints: opt-in mixed precision (default: float32)")
+    group.add_argument("--policy.task", dest="policy_task", metavar="TEXT", default=None, help="LeRobot checkpoints: prompt used when an observation carries no 'task'/'prompt'")
+    group.add_argument("--policy.rename_map", dest="policy_rename_map", metavar="CLIENT=POLICY,...", default="", help="LeRobot checkpoints: client camera names to policy camera names, CLIENT=POLICY,... (e.g. top=front)")
 
 
 def parse_cameras(text: str) -> dict[str, tuple[int, int]]:
@@ -84,7 +164,10 @@ def policy_from_args(args: argparse.Namespace) -> Policy | None:
     if args.policy_type:
         return builtin_from_args(args)
     if args.policy_path:
-        return _lerobot_backend().load_policy(args.policy_path, device=args.device, dtype=args.dtype)
+        return _lerobot_backend().load_policy(
+            args.policy_path, device=args.device, dtype=args.dtype,
+            task=getattr(args, "policy_task", None), rename_map=getattr(args, "policy_rename_map", None),
+        )
     return None
 
 
@@ -110,13 +193,21 @@ def run(args: argparse.Namespace) -> int:
     from ..server.websocket import WebSocketServer
 
     policy = policy_from_args(args)
-    engine = Engine(policy, loader=model_loader())
+    budget = int(args.model_memory_gb * 2**30) if args.model_memory_gb else None
+    engine = Engine(policy, loader=model_loader(), max_models=args.max_models, memory_budget_bytes=budget, batching=batch_options_from_args(args))
     ws = WebSocketServer(engine, args.host, args.port, api_key=args.api_key, max_message_bytes=int(args.max_message_mb * 2**20))
+    if getattr(args, "metrics_port", None) is not None:
+        engine.metrics.serve(args.metrics_port, args.host)
+        print(f"policylink: Prometheus metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
+
+    extra = protocol_servers(args, engine)
 
     def announce() -> None:
         what = f"policy {policy.metadata.model_id}" if policy else "no model (idle: clients send a configure request)"
         print(f"policylink: serving {what} on ws://{args.host}:{ws.port} (health: http://{args.host}:{ws.port}/healthz); Ctrl+C to stop", flush=True)
+        if extra:
+            print("policylink: also serving " + ", ".join(describe_server(server) for server in extra), flush=True)
 
-    asyncio.run(run_servers(engine, [ws], on_ready=announce))
+    asyncio.run(run_servers(engine, [ws, *extra], on_ready=announce))
     print("policylink: server stopped", flush=True)
     return 0

@@ -75,6 +75,10 @@ class PolicyClient:
     reconnects and sends the request again once. A request that times out
     raises :class:`~policylink.errors.InferenceTimeout`, and its late reply is
     thrown away when it arrives.
+
+    ``grpc://host:port`` (or ``grpcs://`` for TLS, with ``ca_file`` naming the
+    CA's PEM file) talks the typed gRPC protocol instead; it needs the
+    ``[grpc]`` extra and behaves the same.
     """
 
     def __init__(
@@ -85,13 +89,22 @@ class PolicyClient:
         connect_timeout: float = 60.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         connect: bool = True,
+        ca_file: str | None = None,
     ) -> None:
         scheme = urlparse(url).scheme
-        if scheme not in ("ws", "wss"):
-            raise ValueError(f"unsupported server URL {url!r}: expected ws://host:port")
         self.url = url
         self.timeout = timeout
-        self._transport = WebSocketTransport(url, api_key, connect_timeout, max_message_bytes)
+        self._transport: Any
+        if scheme in ("ws", "wss"):
+            self._transport = WebSocketTransport(url, api_key, connect_timeout, max_message_bytes)
+        elif scheme in ("grpc", "grpcs"):
+            try:  # grpc comes with the [grpc] extra only
+                from .grpc import GrpcTransport
+            except ImportError as exc:
+                raise ImportError(f"{scheme}:// URLs need the grpc extra: pip install 'policylink[grpc]' ({exc})") from None
+            self._transport = GrpcTransport(url, api_key, connect_timeout, max_message_bytes, ca_file=ca_file)
+        else:
+            raise ValueError(f"unsupported server URL {url!r}: expected ws://host:port or grpc://host:port")
         self.reconnects = 0
         if connect:
             self._transport.connect()

@@ -24,10 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import RequestError
+from ..errors import RequestError, ServerBusy
 from ..types import Observation, Policy, PolicyMetadata, Reply, as_action_chunk
+from .batching import BatchScheduler
+from .metrics import ServerMetrics
+from .models import ModelCache, model_key
 
-__all__ = ["Engine", "ServedModel", "ClientSession", "ModelLoader"]
+__all__ = ["Engine", "ServedModel", "ClientSession", "ModelLoader", "BatchOptions"]
 
 logger = logging.getLogger("policylink.server")
 
@@ -35,15 +38,31 @@ logger = logging.getLogger("policylink.server")
 ModelLoader = Callable[[Mapping[str, Any]], Policy]
 
 
-class ServedModel:
-    """A loaded policy plus the worker threads that run it."""
+@dataclasses.dataclass(frozen=True)
+class BatchOptions:
+    """How a served model batches and bounds its requests."""
 
-    def __init__(self, policy: Policy, key: str | None = None, max_workers: int = 8) -> None:
+    #: Largest batch across clients; 1 turns batching off.
+    max_batch: int = 8
+    #: How long the first request of a batch waits for company.
+    batch_timeout_ms: float = 2.0
+    #: Requests queued or running per model before new ones get "server busy".
+    max_queue: int = 64
+
+
+class ServedModel:
+    """A loaded policy, the worker threads that run it, and its batch scheduler."""
+
+    def __init__(self, policy: Policy, key: str | None = None, max_workers: int = 8, batching: BatchOptions | None = None) -> None:
         self.policy = policy
         self.key = key or policy.metadata.model_id
+        self.batching = batching or BatchOptions()
         # A policy that keeps state or owns one accelerator runs one call at a time.
         workers = max_workers if policy.thread_safe else 1
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"infer-{self.key[-24:]}")
+        self.scheduler = BatchScheduler(policy, self.run, self.batching.max_batch, self.batching.batch_timeout_ms) if self.batching.max_batch > 1 else None
+        #: Requests of this model queued or running now.
+        self.in_flight = 0
 
     @property
     def metadata(self) -> PolicyMetadata:
@@ -54,13 +73,29 @@ class ServedModel:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def infer(self, session_policy: Policy, obs: Observation) -> tuple[Reply, dict[str, float]]:
-        """Infer on the workers; returns the reply and its timing split (ms)."""
-        queued = time.perf_counter()
-        started, reply = await self.run(_timed_infer, session_policy, obs)
-        done = time.perf_counter()
-        return reply, {"queue_ms": (started - queued) * 1e3, "infer_ms": (done - started) * 1e3}
+        """Infer on the workers, batched with other clients' requests where the policy allows.
+
+        Returns the reply and its timing split (``queue_ms``, ``infer_ms``,
+        ``batch_size``). Raises :class:`ServerBusy` when the model's queue is full.
+        """
+        if self.in_flight >= self.batching.max_queue:
+            raise ServerBusy(f"server busy: {self.in_flight} requests already queued for {self.key} (limit {self.batching.max_queue}); retry later")
+        self.in_flight += 1
+        try:
+            key = self.policy.batch_key(obs) if self.scheduler is not None else None
+            if key is not None:
+                assert self.scheduler is not None
+                return await self.scheduler.submit(session_policy, obs, key)
+            queued = time.perf_counter()
+            started, reply = await self.run(_timed_infer, session_policy, obs)
+            done = time.perf_counter()
+            return reply, {"queue_ms": (started - queued) * 1e3, "infer_ms": (done - started) * 1e3, "batch_size": 1}
+        finally:
+            self.in_flight -= 1
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.policy.close()
 
@@ -80,6 +115,8 @@ class ClientSession:
     requests: int = 0
     errors: int = 0
     prev_total_ms: float | None = None
+    #: Prompt from the client's configure request, used when an observation carries none.
+    task: str | None = None
 
     def attach(self, model: ServedModel | None) -> None:
         self.model = model
@@ -91,15 +128,31 @@ class Engine:
 
     ``policy`` is the model served to every client (``None`` starts an idle
     server). ``loader`` builds a policy from a client's configure request; an
-    engine without one refuses configure requests.
+    engine without one refuses configure requests. Models loaded on request
+    live in :attr:`models`, a cache bounded by ``max_models`` and
+    ``memory_budget_bytes`` (least recently used idle model evicted first).
     """
 
-    def __init__(self, policy: Policy | None = None, loader: ModelLoader | None = None, max_workers: int = 8) -> None:
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        loader: ModelLoader | None = None,
+        max_workers: int = 8,
+        *,
+        max_models: int = 2,
+        memory_budget_bytes: int | None = None,
+        batching: BatchOptions | None = None,
+    ) -> None:
         self._max_workers = max_workers
-        self.default_model = ServedModel(policy, max_workers=max_workers) if policy else None
+        self.batching = batching or BatchOptions()
+        self.default_model = ServedModel(policy, max_workers=max_workers, batching=self.batching) if policy else None
         self.loader = loader
+        self.models = ModelCache(max_models, memory_budget_bytes, close=self._close_evicted)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
         self.sessions: dict[str, ClientSession] = {}
+        #: Prometheus counters every protocol adapter reports to.
+        self.metrics = ServerMetrics(self)
 
     # -- sessions ---------------------------------------------------------
 
@@ -113,6 +166,7 @@ class Engine:
 
     def close_session(self, session: ClientSession) -> None:
         self.sessions.pop(session.client_id, None)
+        self.models.release(session.model)
         logger.info("%s disconnected after %d requests (%d errors)", session.client_id, session.requests, session.errors)
 
     def metadata_frame(self, session: ClientSession) -> dict[str, Any]:
@@ -133,6 +187,8 @@ class Engine:
             raise RequestError("no model loaded on this server; send a configure request first")
         if not isinstance(obs, dict):
             raise RequestError(f"an observation must be a map of named fields, got {type(obs).__name__}")
+        if session.task is not None and "task" not in obs and "prompt" not in obs:
+            obs = {**obs, "task": session.task}
         session.requests += 1
         reply, timing = await session.model.infer(session.policy, obs)
         reply = _checked_reply(reply, session.model.metadata)
@@ -155,17 +211,53 @@ class Engine:
             await session.model.run(session.policy.reset)
 
     async def configure(self, session: ClientSession, request: Mapping[str, Any]) -> PolicyMetadata:
-        """Load (or reuse) the model a client asks for and attach it to its session."""
+        """Load (or reuse) the model a client asks for and attach it to its session.
+
+        The model is taken from :attr:`models` when the same checkpoint,
+        device and dtype were loaded before. A ``task`` in the request becomes
+        this client's default prompt. Load failures raise :class:`RequestError`.
+        """
         if self.loader is None:
             raise RequestError("this server cannot load models on request (started without a model loader)")
-        policy = await asyncio.to_thread(self.loader, request)
-        model = ServedModel(policy, max_workers=self._max_workers)
+        loader = self.loader
+        key = model_key(request)
+        self._loop = asyncio.get_running_loop()
+
+        def build() -> ServedModel:
+            return ServedModel(loader(request), key=key[0] or None, max_workers=self._max_workers, batching=self.batching)
+
+        try:
+            model = await asyncio.to_thread(self.models.acquire, key, build)
+        except RequestError:
+            raise
+        except Exception as exc:  # a broken checkpoint must not look like a server crash
+            logger.exception("%s: loading %s failed", session.client_id, key[0])
+            raise RequestError(f"could not load model {key[0]!r}: {type(exc).__name__}: {exc}") from exc
+        previous = session.model
         session.attach(model)
+        self.models.release(previous)
+        task = request.get("task")
+        session.task = str(task) if task else None
+        logger.info("%s configured %s (%s, %s)", session.client_id, key[0], key[1], key[2])
         return model.metadata
+
+    def _close_evicted(self, model: ServedModel) -> None:
+        """Close a model the cache evicted, on the event loop (its scheduler's tasks live there)."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            try:
+                on_loop = asyncio.get_running_loop() is loop
+            except RuntimeError:  # a worker thread: the load that triggered the eviction
+                on_loop = False
+            if not on_loop:
+                loop.call_soon_threadsafe(model.close)
+                return
+        model.close()
 
     def close(self) -> None:
         if self.default_model is not None:
             self.default_model.close()
+        self.models.close()
 
 
 def _checked_reply(reply: Any, metadata: PolicyMetadata) -> Reply:

@@ -12,16 +12,19 @@ Besides observations a client may send a command map
 ``{"__command__": "reset" | "configure" | "metadata", ...}``. openpi's
 client never does, so the protocol stays compatible.
 
-``GET /healthz`` answers 200 with a small JSON status.
+``GET /healthz`` answers 200 with a small JSON status (``ready``, the loaded
+``models``, clients); ``GET /metrics`` serves the Prometheus metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -30,10 +33,13 @@ from websockets.http11 import Request, Response
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
 from ..errors import ProtocolError, RequestError, ServerBusy
 from .engine import ClientSession, Engine
+from .metrics import CONTENT_TYPE, loaded_model_ids
 
 __all__ = ["WebSocketServer", "COMMAND_KEY"]
 
 logger = logging.getLogger("policylink.server")
+
+T = TypeVar("T")
 
 #: Key that marks a request as a command rather than an observation.
 COMMAND_KEY = "__command__"
@@ -97,12 +103,17 @@ class WebSocketServer:
             response = connection.respond(http.HTTPStatus.OK, body + "\n")
             response.headers["Content-Type"] = "application/json"
             return response
+        if request.path.split("?")[0] == "/metrics":
+            response = connection.respond(http.HTTPStatus.OK, self.engine.metrics.render().decode())
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = CONTENT_TYPE
+            return response
         if self.api_key is not None and request.headers.get("Authorization") != f"Api-Key {self.api_key}":
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
         return None
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "ready": self.engine.ready, "clients": len(self.engine.sessions)}
+        return {"status": "ok", "ready": self.engine.ready, "clients": len(self.engine.sessions), **self.engine.models.stats(), "models": loaded_model_ids(self.engine)}
 
     # -- one connection ---------------------------------------------------
 
@@ -115,16 +126,21 @@ class WebSocketServer:
             async for message in ws:
                 started = time.perf_counter()
                 try:
-                    reply = await self._answer(session, message)
+                    reply = await _unless_closed(ws, self._answer(session, message))
+                    if reply is None:  # the client left while its request waited: drop it
+                        break
                 except (RequestError, ProtocolError, ServerBusy) as exc:
+                    self.engine.metrics.request_failed("websocket", exc)
                     await self._send_error(ws, session, str(exc))
                     continue
                 except Exception as exc:  # a broken policy must not take the server down
                     logger.exception("%s: inference failed", session.client_id)
+                    self.engine.metrics.request_failed("websocket", exc)
                     await self._send_error(ws, session, f"inference failed: {type(exc).__name__}: {exc}")
                     continue
                 await ws.send(packer.pack(reply))
                 self.engine.record_total(session, (time.perf_counter() - started) * 1e3)
+                self.engine.metrics.request_done("websocket", reply, time.perf_counter() - started)
         except websockets.ConnectionClosed as exc:
             if exc.rcvd is None or exc.rcvd.code not in (1000, 1001):
                 logger.info("%s: connection closed: %s", session.client_id, exc)
@@ -134,12 +150,16 @@ class WebSocketServer:
     async def _answer(self, session: ClientSession, message: str | bytes) -> dict[str, Any]:
         if isinstance(message, str):
             raise ProtocolError("expected a binary msgpack frame, got a text frame")
+        decode_started = time.perf_counter()
         request = unpackb(message)
+        decode_ms = (time.perf_counter() - decode_started) * 1e3
         if not isinstance(request, dict):
             raise RequestError(f"a request must be a msgpack map, got {type(request).__name__}")
         if COMMAND_KEY in request:
             return await self._command(session, request)
-        return await self.engine.infer(session, request)
+        reply = await self.engine.infer(session, request)
+        reply["server_timing"]["decode_ms"] = round(decode_ms, 3)
+        return reply
 
     async def _command(self, session: ClientSession, request: dict[str, Any]) -> dict[str, Any]:
         command = request[COMMAND_KEY]
@@ -157,3 +177,20 @@ class WebSocketServer:
         session.errors += 1
         logger.warning("%s: request #%d refused: %s", session.client_id, session.requests, message)
         await ws.send(message)
+
+
+async def _unless_closed(ws: ServerConnection, work: Awaitable[T]) -> T | None:
+    """Await ``work`` unless the connection closes first; then cancel it and return ``None``.
+
+    Cancelling takes a queued request out of its model's batch queue.
+    """
+    task = asyncio.ensure_future(work)
+    closed = asyncio.ensure_future(ws.wait_closed())
+    try:
+        await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        closed.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return None

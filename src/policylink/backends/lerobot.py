@@ -1,0 +1,437 @@
+"""Serve LeRobot checkpoints (ACT, Diffusion, SmolVLA, pi0, ...) as policylink policies.
+
+A checkpoint directory is what LeRobot's ``save_pretrained`` writes:
+``config.json`` and ``model.safetensors``, plus the pre- and post-processor
+pipelines (``policy_preprocessor.json``, ``policy_postprocessor.json`` and
+their normalisation statistics) when the training run saved them. A training
+run's ``checkpoints/<step>/`` directory works too (its ``pretrained_model/``
+is used).
+
+One request runs: observation mapping (:mod:`.obsmap`), conversion to
+tensors on the device (images resized there to the policy's input size), the
+checkpoint's own pre-processor (normalisation, batching, tokenisation), one
+``predict_action_chunk`` call for the whole chunk, the post-processor
+(un-normalisation), and a copy to host memory, which also waits for the
+accelerator to finish.
+
+torch and lerobot are imported lazily: this module is importable without
+them, and fails with a clear message only when a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import RequestError
+from ..types import Feature, Observation, Policy, PolicyMetadata, Reply
+from .obsmap import ENV_STATE, STATE, ObservationSpec, map_observation, parse_rename_map
+
+__all__ = ["LeRobotPolicy", "load_policy", "load_from_request", "resolve_checkpoint", "resolve_device", "DTYPES"]
+
+logger = logging.getLogger("policylink.server")
+
+#: Mixed-precision modes accepted by ``--dtype`` (``float32`` means none).
+DTYPES = ("float32", "bfloat16", "float16")
+#: Policies whose ``predict_action_chunk`` reads an observation history the caller must fill.
+_QUEUE_FED_TYPES = ("diffusion", "vqbet")
+#: Control rate announced when the checkpoint does not record one.
+DEFAULT_FPS = 30.0
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The directory holding ``config.json``; raises :class:`RequestError` naming what is wrong."""
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        raise RequestError(f"policy path {str(path)!r} does not exist")
+    if not directory.is_dir():
+        raise RequestError(f"policy path {str(path)!r} is not a directory (expected a LeRobot checkpoint directory)")
+    if not (directory / "config.json").is_file() and (directory / "pretrained_model" / "config.json").is_file():
+        directory = directory / "pretrained_model"
+    for name in ("config.json", "model.safetensors"):
+        if not (directory / name).is_file():
+            raise RequestError(f"{str(path)!r} is not a LeRobot checkpoint: {name} missing")
+    return directory.resolve()
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto`` -> cuda, then mps, then cpu; checks that an explicit device exists."""
+    import torch
+
+    device = (device or "auto").strip().lower()
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return "cpu"
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RequestError(f"device {device!r} requested, but this server has no CUDA device")
+        if index and (not index.isdigit() or int(index) >= count):
+            raise RequestError(f"device {device!r} requested, but this server has {count} CUDA device(s)")
+        return device
+    if kind == "mps" and not index:
+        if not torch.backends.mps.is_available():
+            raise RequestError("device 'mps' requested, but MPS is not available on this server")
+        return "mps"
+    raise RequestError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto")
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    device: str | None = "auto",
+    dtype: str | None = None,
+    task: str | None = None,
+    rename_map: str | Mapping[str, str] | None = None,
+    fps: float | None = None,
+) -> LeRobotPolicy:
+    """Load a LeRobot checkpoint directory, warm it up, and return it ready to serve.
+
+    ``dtype`` ``bfloat16``/``float16`` runs the model under autocast (weights
+    stay float32; normalisation runs in float32). ``task`` is the prompt used
+    when an observation carries none. ``rename_map`` maps client camera names
+    to the policy's. Raises :class:`RequestError` for a missing or broken
+    checkpoint, an unknown device or dtype.
+    """
+    directory = resolve_checkpoint(path)
+    dtype = (dtype or "float32").lower()
+    if dtype not in DTYPES:
+        raise RequestError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
+    try:
+        rename = parse_rename_map(rename_map)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
+    try:
+        import torch  # noqa: F401
+        from lerobot.configs.policies import PreTrainedConfig  # noqa: F401
+    except ImportError as exc:
+        raise RequestError(f"this server cannot load LeRobot checkpoints: {exc} (install policylink[server])") from None
+    chosen = resolve_device(device)
+    started = time.perf_counter()
+    try:
+        parts = _load_parts(directory, chosen)
+    except RequestError:
+        raise
+    except Exception as exc:  # lerobot/draccus/safetensors raise many types for a broken checkpoint
+        raise RequestError(f"could not load checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    policy = LeRobotPolicy(
+        *parts, device=chosen, dtype=dtype, model_id=str(path), task=task, rename_map=rename,
+        fps=fps if fps is not None else _recorded_fps(directory),
+    )
+    load_s = time.perf_counter() - started
+    warmup_ms = policy.warm_up()
+    logger.info(
+        "loaded %s checkpoint %s on %s (%s) in %.1f s; warm-up %.0f ms; chunk %s",
+        policy.metadata.policy_type, directory, chosen, dtype, load_s, warmup_ms,
+        (policy.metadata.horizon, policy.metadata.action_dim),
+    )
+    return policy
+
+
+def load_from_request(request: Mapping[str, Any]) -> LeRobotPolicy:
+    """The engine's loader for configure requests: ``policy_path``, ``device``, ``dtype``, ``rename_map``, ``fps``."""
+    path = request.get("policy_path")
+    if not path or not isinstance(path, str):
+        raise RequestError("configure needs 'policy_path': the checkpoint directory on the server")
+    fps = request.get("fps")
+    return load_policy(
+        path, device=request.get("device") or "auto", dtype=request.get("dtype"),
+        rename_map=request.get("rename_map"), fps=float(fps) if fps is not None else None,
+    )
+
+
+def _load_parts(directory: Path, device: str) -> tuple[Any, Any, Any, Any]:
+    """Config, model (eval mode, on ``device``), pre- and post-processor."""
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors
+
+    config = PreTrainedConfig.from_pretrained(str(directory))
+    config.device = device
+    config.pretrained_path = str(directory)
+    model = get_policy_class(config.type).from_pretrained(str(directory), config=config)
+    model.to(device).eval()
+    device_override = {"device_processor": {"device": device}}
+    if (directory / "policy_preprocessor.json").is_file() and (directory / "policy_postprocessor.json").is_file():
+        pre, post = make_pre_post_processors(
+            config, pretrained_path=str(directory),
+            preprocessor_overrides=device_override, postprocessor_overrides={"device_processor": {"device": "cpu"}},
+        )
+    else:
+        # Checkpoints from before LeRobot saved its pipelines: no statistics to normalise with.
+        logger.warning("%s has no saved pre/post-processors: serving without normalisation", directory)
+        pre, post = make_pre_post_processors(config, dataset_stats=None)
+    return config, model, pre, post
+
+
+def _recorded_fps(directory: Path) -> float | None:
+    """The control rate of the training environment, when the training run recorded it."""
+    for candidate in (directory / "train_config.json", directory.parent / "train_config.json"):
+        if candidate.is_file():
+            try:
+                env = json.loads(candidate.read_text()).get("env") or {}
+                return float(env["fps"]) if env.get("fps") else None
+            except (ValueError, OSError, TypeError):
+                return None
+    return None
+
+
+class LeRobotPolicy(Policy):
+    """A loaded LeRobot policy.
+
+    The weights are shared by every client; per-client state (Diffusion's
+    observation history, queued actions) lives in the objects that
+    :meth:`session` returns. One forward pass runs at a time (a lock guards
+    the model), so :attr:`thread_safe` is false.
+    """
+
+    thread_safe = False
+
+    def __init__(
+        self, config: Any, model: Any, preprocessor: Any, postprocessor: Any, *,
+        device: str, dtype: str = "float32", model_id: str = "", task: str | None = None,
+        rename_map: Mapping[str, str] | None = None, fps: float | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.preprocessor = preprocessor
+        self.postprocessor = postprocessor
+        self.device = device
+        self.dtype = dtype
+        self.model_id = model_id or str(getattr(config, "pretrained_path", "lerobot"))
+        self.default_task = task
+        self.fps = fps
+        shapes = {key: tuple(feature.shape) for key, feature in config.input_features.items()}
+        self.spec = ObservationSpec.from_feature_keys(shapes, rename_map)
+        self.image_sizes = {key: (shape[-2], shape[-1]) for key, shape in shapes.items() if key in self.spec.cameras.values()}
+        self._lock = threading.Lock()
+        self._state: dict[str, Any] = {}
+        self._metadata: PolicyMetadata | None = None
+        self.memory_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+    # -- Policy API -------------------------------------------------------
+
+    @property
+    def metadata(self) -> PolicyMetadata:
+        if self._metadata is None:
+            raise RuntimeError("the policy has not been warmed up yet")
+        return self._metadata
+
+    def infer(self, obs: Observation) -> Reply:
+        return self.run(obs, self._state)
+
+    def reset(self) -> None:
+        self._state.clear()
+
+    def session(self) -> LeRobotSession:
+        return LeRobotSession(self)
+
+    def close(self) -> None:
+        with self._lock:
+            self.model = None
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    # -- running ----------------------------------------------------------
+
+    def warm_up(self) -> float:
+        """Run one inference on a blank observation (and learn the chunk length); returns ms."""
+        started = time.perf_counter()
+        obs: Observation = {key: np.zeros((*size, 3), np.uint8) for key, size in self.image_sizes.items()}
+        if self.spec.state_dim is not None:
+            obs[STATE] = np.zeros(self.spec.state_dim, np.float32)
+        if self.spec.env_state_dim is not None:
+            obs[ENV_STATE] = np.zeros(self.spec.env_state_dim, np.float32)
+        actions = self.run(obs, {})["actions"]
+        self._metadata = self._build_metadata(horizon=actions.shape[0], action_dim=actions.shape[1])
+        return (time.perf_counter() - started) * 1e3
+
+    def run(self, obs: Observation, state: dict[str, Any]) -> Reply:
+        """Infer with per-client ``state``; returns ``{"actions": (horizon, action_dim) float32}``."""
+        import torch
+
+        mapped = map_observation(obs, self.spec, default_task=self.default_task)
+        with self._lock, torch.inference_mode():
+            batch = self._preprocess(mapped)
+            with self._autocast():
+                actions = self._predict_chunk(batch, state)
+            chunks = self._postprocess(actions)
+        return {"actions": chunks[0]}
+
+    # -- batching across clients ------------------------------------------
+
+    def batch_key(self, obs: Observation) -> Any:
+        """Policies without per-client history batch any requests (inputs are resized to one size)."""
+        return None if hasattr(self.model, "_queues") else ("lerobot", self.model_id)
+
+    def infer_batch(self, sessions: Any, observations: Any) -> list[Reply]:
+        """One forward pass for several clients' observations (history-free policies only)."""
+        import torch
+
+        if len(observations) == 1 or hasattr(self.model, "_queues"):
+            return [session.infer(obs) for session, obs in zip(sessions, observations)]
+        mapped = [map_observation(obs, self.spec, default_task=self.default_task) for obs in observations]
+        with self._lock, torch.inference_mode():
+            batch = _concat([self._preprocess(item) for item in mapped])
+            with self._autocast():
+                actions = self.model.predict_action_chunk(batch)
+            chunks = self._postprocess(actions)
+        return [{"actions": chunk} for chunk in chunks]
+
+    def _preprocess(self, mapped: Any) -> dict[str, Any]:
+        """Tensors on the device through the checkpoint's pre-processor (batch of one). Holds the lock."""
+        if self.model is None:
+            raise RuntimeError(f"model {self.model_id} was unloaded")
+        batch = self.preprocessor(self._to_batch(mapped))
+        batch.pop("action", None)  # the pipeline adds an empty action slot; history queues would take it
+        return batch
+
+    def _postprocess(self, actions: Any) -> list[np.ndarray]:
+        """Un-normalise and copy to the host; one ``(horizon, action_dim)`` array per batch row."""
+        actions = self.postprocessor(actions.float())
+        # .cpu() waits for the accelerator: the engine's infer_ms covers the real work.
+        chunk = actions.float().cpu().numpy()
+        if chunk.ndim == 2:
+            chunk = chunk[None]
+        return [np.ascontiguousarray(row, dtype=np.float32) for row in chunk]
+
+    def _to_batch(self, mapped: Any) -> dict[str, Any]:
+        """Unbatched tensors on the device; images float 3xHxW in [0, 1] at the policy's size."""
+        import torch
+
+        batch: dict[str, Any] = {}
+        if mapped.state is not None:
+            batch[STATE] = torch.from_numpy(mapped.state.copy()).to(self.device)
+        if mapped.env_state is not None:
+            batch[ENV_STATE] = torch.from_numpy(mapped.env_state.copy()).to(self.device)
+        for key, image in mapped.images.items():
+            batch[key] = self._image_tensor(image, self.image_sizes[key])
+        batch["task"] = mapped.task if mapped.task is not None else ""
+        return batch
+
+    def _image_tensor(self, image: np.ndarray, size: tuple[int, int]) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        # Decoded messages are read-only views; torch wants writable memory (one cheap copy).
+        if not image.flags.writeable or not image.flags.c_contiguous:
+            image = np.array(image, copy=True, order="C")
+        # Move the compact uint8 frame to the device first, then convert and resize there.
+        tensor = torch.from_numpy(image).to(self.device)
+        if tensor.dtype == torch.uint8:
+            tensor = tensor.permute(2, 0, 1).float().div_(255.0)
+        if tuple(tensor.shape[-2:]) != tuple(size):
+            tensor = F.interpolate(tensor[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+            tensor = tensor.clamp_(0.0, 1.0)
+        return tensor
+
+    def _predict_chunk(self, batch: dict[str, Any], state: dict[str, Any]) -> Any:
+        """One ``predict_action_chunk`` call with this client's observation history swapped in."""
+        import torch
+
+        model = self.model
+        has_queues = hasattr(model, "_queues")
+        if has_queues:
+            if "queues" not in state:
+                model.reset()  # fresh, empty history for this client
+                state["queues"] = model._queues
+            model._queues = state["queues"]
+        if self.config.type in _QUEUE_FED_TYPES:
+            from lerobot.policies.utils import populate_queues
+            from lerobot.utils.constants import OBS_IMAGES
+
+            # What select_action does before predicting: stack cameras, append to the history.
+            batch = dict(batch)
+            if self.config.image_features:
+                batch[OBS_IMAGES] = torch.stack([batch[key] for key in self.config.image_features], dim=-4)
+            model._queues = populate_queues(model._queues, batch)
+        actions = model.predict_action_chunk(batch)
+        if has_queues:
+            state["queues"] = model._queues
+        return actions
+
+    def _autocast(self) -> Any:
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=getattr(torch, self.dtype))
+
+    def _build_metadata(self, horizon: int, action_dim: int) -> PolicyMetadata:
+        features: dict[str, Feature] = {}
+        if self.spec.state_dim is not None:
+            features[STATE] = Feature((self.spec.state_dim,), "float32")
+        if self.spec.env_state_dim is not None:
+            features[ENV_STATE] = Feature((self.spec.env_state_dim,), "float32")
+        for key, (height, width) in self.image_sizes.items():
+            features[key] = Feature((height, width, 3), "uint8")
+        n_action_steps = getattr(self.config, "n_action_steps", None)
+        notes = [f"LeRobot {self.config.type} checkpoint on {self.device} ({self.dtype})"]
+        notes.append("images: HxWx3 uint8 at any size (resized by the server) or 3xHxW float in [0, 1]")
+        if self.fps is None:
+            notes.append(f"fps not recorded in the checkpoint; {DEFAULT_FPS:g} assumed")
+        return PolicyMetadata(
+            action_dim=action_dim,
+            horizon=horizon,
+            fps=self.fps if self.fps is not None else DEFAULT_FPS,
+            input_features=features,
+            camera_names=tuple(self.spec.cameras),
+            model_id=self.model_id,
+            policy_type=str(self.config.type),
+            n_action_steps=min(int(n_action_steps), horizon) if n_action_steps else horizon,
+            description="; ".join(notes),
+        )
+
+
+class LeRobotSession(Policy):
+    """One client's view of a :class:`LeRobotPolicy`: shared weights, its own history."""
+
+    thread_safe = False
+
+    def __init__(self, policy: LeRobotPolicy) -> None:
+        self.policy = policy
+        self._state: dict[str, Any] = {}
+
+    @property
+    def metadata(self) -> PolicyMetadata:
+        return self.policy.metadata
+
+    def infer(self, obs: Observation) -> Reply:
+        return self.policy.run(obs, self._state)
+
+    def reset(self) -> None:
+        self._state.clear()
+
+    def session(self) -> LeRobotSession:
+        return LeRobotSession(self.policy)
+
+
+def _concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join pre-processed batches of one along the batch dimension (lists, e.g. tasks, are joined)."""
+    import torch
+
+    joined: dict[str, Any] = {}
+    for key, first in batches[0].items():
+        values = [batch[key] for batch in batches]
+        if isinstance(first, torch.Tensor):
+            joined[key] = torch.cat(values, dim=0)
+        elif isinstance(first, list):
+            joined[key] = [item for value in values for item in value]
+        else:
+            joined[key] = first
+    return joined

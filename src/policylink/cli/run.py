@@ -1,0 +1,256 @@
+"""``policylink run``: drive an environment with a remote policy at a fixed control rate."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ..runtime.merging import MERGE_RULES
+
+HELP = """\
+Run a policy on an environment: a control loop at --fps pops one action per
+tick from the chunks the server sends, in sync or async mode, through the
+safety filters, and prints a live status line and a summary of the loop
+statistics (rate, jitter, stalls, round trips, boundary jumps).
+
+Without --server, a local server is started on 127.0.0.1 with the built-in
+policy chosen by --policy.type (shaped like the environment unless --policy.*
+says otherwise) or the LeRobot checkpoint in --policy.path.
+"""
+
+EXAMPLES = """\
+examples:
+  policylink run --policy.type replay --policy.latency_ms 100 --mode async
+  policylink run --server ws://gpu-box:8000 --env fake --env.layout bimanual --fps 30 --mode async --episodes 3
+  policylink run --server ws://gpu-box:8000 --env replay --env.path episode.npz
+  policylink run --server ws://gpu-box:8000 --env robot --robot.port /dev/ttyACM0 --robot.cameras front=0:480x640
+"""
+
+
+def add_parser(subparsers: Any) -> None:
+    from ._watch import add_watch_flags
+    from .serve import add_policy_flags
+
+    parser = subparsers.add_parser(
+        "run", help="drive an environment (fake, replay, robot) with a policy at a fixed rate",
+        description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--server", default=None, help="policy server URL, ws://host:port (default: start a local server with --policy.type)")
+    parser.add_argument("--api-key", default=None, help="API key the server requires")
+    env = parser.add_argument_group("environment")
+    env.add_argument("--env", dest="env", default="fake", choices=["fake", "replay", "robot"], help="environment (default: fake)")
+    env.add_argument("--env.layout", dest="env_layout", default="single", choices=["single", "bimanual"], help="fake: single arm (6-d) or bimanual (12-d) (default: single)")
+    env.add_argument("--env.cameras", dest="env_cameras", default=None, help="fake: comma-separated camera names, 0 to 3 (default: the layout's one camera)")
+    env.add_argument("--env.image_size", dest="env_image_size", default="480x640", help="fake: camera image size HxW (default: 480x640)")
+    env.add_argument("--env.episode_steps", dest="env_episode_steps", type=int, default=300, help="fake: steps per episode (default: 300)")
+    env.add_argument("--env.path", dest="env_path", default=None, help="replay: an episode .npz or a LeRobot dataset directory")
+    env.add_argument("--env.episode", dest="env_episode", type=int, default=0, help="replay: episode index in a LeRobot dataset (default: 0)")
+    robot = parser.add_argument_group("LeRobot SO-100 / SO-101 follower (--env robot; needs the [robot] extra)")
+    robot.add_argument("--robot.model", dest="robot_model", default="so101", choices=["so100", "so101"], help="follower model (default: so101)")
+    robot.add_argument("--robot.port", dest="robot_port", default=None, help="serial port of a single follower arm, e.g. /dev/ttyACM0")
+    robot.add_argument("--robot.left_port", dest="robot_left_port", default=None, help="bimanual: serial port of the left arm")
+    robot.add_argument("--robot.right_port", dest="robot_right_port", default=None, help="bimanual: serial port of the right arm")
+    robot.add_argument("--robot.id", dest="robot_id", default=None, help="robot id, names LeRobot's calibration file")
+    robot.add_argument("--robot.cameras", dest="robot_cameras", default="", metavar="NAME=INDEX:HxW,...", help="OpenCV cameras, e.g. front=0:480x640,wrist=/dev/video2:480x640")
+    robot.add_argument("--robot.max_relative_target", dest="robot_max_relative_target", type=float, default=None, help="LeRobot's own per-command clip of the motion from the present position")
+    loop = parser.add_argument_group("control loop")
+    loop.add_argument("--fps", type=float, default=30.0, help="control rate in Hz (default: 30)")
+    loop.add_argument("--mode", default="async", choices=["sync", "async"], help="sync: infer, execute, infer again; async: request the next chunk in the background (default: async)")
+    loop.add_argument("--merge", default="latest", choices=sorted(MERGE_RULES), help="how overlapping chunks combine (default: latest)")
+    loop.add_argument("--merge.old_weight", dest="merge_old_weight", type=float, default=0.3, help="average: weight of the queued actions (default: 0.3, as LeRobot)")
+    loop.add_argument("--merge.k", dest="merge_k", type=float, default=0.01, help="ensemble: exponential weight factor (default: 0.01, as ACT)")
+    loop.add_argument("--n-action-steps", type=int, default=None, help="actions used per chunk (default: the policy's n_action_steps)")
+    loop.add_argument("--threshold", type=float, default=0.5, help="async: request when this fraction of n-action-steps is left (default: 0.5)")
+    loop.add_argument("--no-compensation", dest="compensate", action="store_false", help="execute late chunks from their start instead of dropping elapsed actions")
+    loop.add_argument("--watchdog-s", type=float, default=1.0, help="hold and report when no fresh action came for this long; older chunks are rejected (default: 1.0)")
+    loop.add_argument("--episodes", type=int, default=1, help="episodes to run (default: 1)")
+    loop.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: until the environment ends it)")
+    loop.add_argument("--sim-latency-steps", type=int, default=None, metavar="N", help="simulated time: no sleeping, each reply arrives N steps after its request")
+    loop.add_argument("--task", default=None, help="language instruction sent with every observation")
+    safety = parser.add_argument_group("safety filters (applied in this order)")
+    safety.add_argument("--filter.smooth", dest="filter_smooth", type=int, default=None, metavar="N", help="moving average over N actions")
+    safety.add_argument("--filter.limits", dest="filter_limits", default=None, metavar="LOW,HIGH", help="clip every joint to [LOW, HIGH]; chunks outside are rejected")
+    safety.add_argument("--filter.max_delta", dest="filter_max_delta", type=float, default=None, metavar="X", help="per-step velocity limit: no joint moves more than X per tick")
+    safety.add_argument("--filter.gripper", dest="filter_gripper", default=None, metavar="IDX[,IDX]:THRESH", help="binarise these joints at THRESH (e.g. 5:0.5)")
+    safety.add_argument("--filter.max_jump", dest="filter_max_jump", type=float, default=None, metavar="X", help="reject chunks starting more than X from the current state")
+    add_policy_flags(parser)
+    parser.set_defaults(action_dim=None)  # a local built-in policy takes the environment's shape
+    add_watch_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..client import PolicyClient
+    from ..runtime.stats import format_summary
+
+    with make_env(args) as env, _server(args, env) as url, PolicyClient(url, api_key=args.api_key) as client:
+        metadata = client.metadata
+        if metadata is None:
+            raise ValueError(f"the server at {url} has no model loaded; start it with a policy or use 'policylink infer --configure'")
+        if metadata.action_dim != env.action_dim:
+            raise ValueError(f"the policy returns {metadata.action_dim}-d actions but the {env.name} environment takes {env.action_dim}")
+        print(f"policylink run: {metadata.model_id} at {url} on {env!r}, {args.mode} at {args.fps:g} Hz", flush=True)
+        summary = _drive(args, client, env, metadata)
+    print("policylink run: summary", flush=True)
+    print(format_summary(summary), flush=True)
+    if hasattr(env, "report"):  # a replayed episode: how far the served actions were from the recorded ones
+        report = env.report()
+        if report.get("steps"):
+            print(f"  replay     last episode, {report['steps']} steps: mean |served - recorded| {report['mean_abs_error']:.5f}, max {report['max_abs_error']:.5f}", flush=True)
+    return 0
+
+
+def _drive(args: argparse.Namespace, client: Any, env: Any, metadata: Any) -> dict[str, Any]:
+    from ._watch import Watchers, client_settings
+
+    executor = make_executor(args, client, env, metadata)
+    info = {"policy": metadata.to_dict(), "server": client.url, "env": env.name, "mode": args.mode, "fps": args.fps, "client": client_settings(args)}
+    with Watchers(args, metadata=info, fps=args.fps) as watchers:
+        for listener in watchers.listeners:
+            executor.add_listener(listener)
+        watchers.attach(executor)
+        with _live_status(executor):
+            try:
+                executor.run(episodes=args.episodes)
+            finally:
+                executor.close()
+    return executor.stats.summary()
+
+
+def make_executor(args: argparse.Namespace, client: Any, env: Any, metadata: Any) -> Any:
+    """The executor, clock, filters and validator the flags ask for."""
+    from ..runtime.clock import RealTimeClock, SteppedClock
+    from ..runtime.executor import Executor, ExecutorConfig
+    from ..runtime.filters import ChunkValidator, GripperBinarize, JointLimits, MovingAverage, VelocityLimit
+    from ..runtime.merging import make_merge_rule
+
+    merge_options = {"average": {"old_weight": args.merge_old_weight}, "ensemble": {"k": args.merge_k}}.get(args.merge, {})
+    config = ExecutorConfig(
+        mode=args.mode, fps=args.fps, n_action_steps=args.n_action_steps or metadata.n_action_steps,
+        threshold=args.threshold, compensate=args.compensate, merge=make_merge_rule(args.merge, **merge_options),
+        watchdog_s=args.watchdog_s, max_steps=args.max_steps, task=args.task,
+    )
+    clock = SteppedClock(args.fps, args.sim_latency_steps) if args.sim_latency_steps is not None else RealTimeClock(args.fps)
+    filters: list[Any] = []
+    limits = None
+    if args.filter_smooth:
+        filters.append(MovingAverage(args.filter_smooth))
+    if args.filter_limits:
+        low, high = _floats(args.filter_limits, "--filter.limits", 2)
+        limits = JointLimits(low, high)
+        filters.append(limits)
+    if args.filter_max_delta:
+        filters.append(VelocityLimit(args.filter_max_delta))
+    if args.filter_gripper:
+        indices, _, threshold = args.filter_gripper.partition(":")
+        filters.append(GripperBinarize([int(i) for i in indices.split(",")], threshold=float(threshold or 0.5)))
+    validator = ChunkValidator(action_dim=env.action_dim, limits=limits, max_jump=args.filter_max_jump)
+    return Executor(client, env, config, clock=clock, filters=filters, validator=validator)
+
+
+def make_env(args: argparse.Namespace) -> Any:
+    if args.env == "replay":
+        from ..envs.replay import ReplayEnv
+
+        if not args.env_path:
+            raise ValueError("--env replay needs --env.path (an episode .npz or a LeRobot dataset directory)")
+        return ReplayEnv.load(args.env_path, episode=args.env_episode)
+    if args.env == "robot":
+        from ..envs.robot import RobotEnv, make_so_follower
+
+        robot = make_so_follower(
+            args.robot_port, model=args.robot_model, left_port=args.robot_left_port, right_port=args.robot_right_port,
+            robot_id=args.robot_id, cameras=parse_robot_cameras(args.robot_cameras),
+            max_relative_target=args.robot_max_relative_target,
+        )
+        return RobotEnv(robot, fps=args.fps, task=args.task)
+    from ..envs.fake import FakeEnv
+    from .serve import parse_cameras
+
+    cameras = None if args.env_cameras is None else [name.strip() for name in args.env_cameras.split(",") if name.strip()]
+    size = next(iter(parse_cameras(f"x={args.env_image_size}").values()))
+    return FakeEnv(args.env_layout, cameras=cameras, image_size=size, episode_steps=args.env_episode_steps, fps=args.fps)
+
+
+def parse_robot_cameras(text: str) -> dict[str, Any]:
+    """``front=0:480x640,wrist=/dev/video2:480x640`` as LeRobot ``OpenCVCameraConfig`` objects."""
+    cameras: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, spec = item.partition("=")
+        source, _, size = spec.rpartition(":")
+        try:
+            height, width = (int(n) for n in size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"bad camera spec {item!r}: expected NAME=INDEX_OR_PATH:HxW, e.g. front=0:480x640") from None
+        if not name or not source:
+            raise ValueError(f"bad camera spec {item!r}: expected NAME=INDEX_OR_PATH:HxW, e.g. front=0:480x640")
+        from lerobot.cameras.opencv import OpenCVCameraConfig
+
+        cameras[name] = OpenCVCameraConfig(index_or_path=int(source) if source.isdigit() else source, width=width, height=height, fps=30)
+    return cameras
+
+
+@contextlib.contextmanager
+def _server(args: argparse.Namespace, env: Any) -> Iterator[str]:
+    """The server URL: ``--server``, or a local server with the built-in ``--policy.type``."""
+    if args.server:
+        if args.policy_type or args.policy_path:
+            raise ValueError("give either --server or a local policy (--policy.type / --policy.path), not both")
+        yield args.server
+        return
+    from ..server.background import BackgroundServer
+    from .serve import policy_from_args
+
+    if not (args.policy_type or args.policy_path):
+        raise ValueError("give --server ws://host:port, or --policy.type / --policy.path to start a local server")
+    if args.policy_type:  # a built-in policy shaped like the environment unless told otherwise
+        if args.action_dim is None:
+            args.action_dim = env.action_dim
+        if args.state_dim is None:
+            args.state_dim = env.action_dim
+        if not args.cameras and env.camera_names:
+            sizes = _camera_sizes(env)
+            args.cameras = ",".join(f"{name}={height}x{width}" for name, (height, width) in sizes.items())
+    with BackgroundServer(policy_from_args(args), host="127.0.0.1", api_key=args.api_key) as server:
+        yield server.url
+
+
+def _camera_sizes(env: Any) -> dict[str, tuple[int, int]]:
+    observation = env.reset()
+    return {name: tuple(observation[f"observation.images.{name}"].shape[:2]) for name in env.camera_names}
+
+
+@contextlib.contextmanager
+def _live_status(executor: Any, period_s: float = 0.5) -> Iterator[None]:
+    """Rewrite one status line on a terminal; print one every few seconds otherwise."""
+    done = threading.Event()
+    tty = sys.stdout.isatty()
+
+    def show() -> None:
+        while not done.wait(period_s if tty else 5.0):
+            line = executor.status_line()
+            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
+
+    thread = threading.Thread(target=show, name="policylink-status", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        if tty:
+            print(f"\r{executor.status_line()}\033[K", flush=True)
+
+
+def _floats(text: str, flag: str, count: int) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise ValueError(f"{flag} takes {count} comma-separated numbers, got {text!r}")
+    return values

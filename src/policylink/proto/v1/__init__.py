@@ -1,0 +1,1 @@
+"""policylink.v1 messages and the PolicyService stub (generated; do not edit)."""

@@ -1,0 +1,144 @@
+"""The typed gRPC protocol: real grpc.aio server on 127.0.0.1, real PolicyClient over grpc:// and grpcs://."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+grpc = pytest.importorskip("grpc")
+
+from conftest import EchoPolicy  # noqa: E402
+from protocol_servers import running  # noqa: E402
+
+from policylink.client import PolicyClient  # noqa: E402
+from policylink.errors import ConnectionFailed, InferenceTimeout, ServerError  # noqa: E402
+from policylink.proto.v1 import policylink_pb2 as pb  # noqa: E402
+from policylink.proto.v1 import policylink_pb2_grpc as pb_grpc  # noqa: E402
+from policylink.server.engine import Engine  # noqa: E402
+from policylink.server.grpc_server import GrpcServer  # noqa: E402
+
+
+@pytest.fixture
+def grpc_server():
+    engine = Engine(EchoPolicy())
+    server = GrpcServer(engine, "127.0.0.1", 0)
+    with running(engine, [server]):
+        yield server
+
+
+def test_infer_reset_and_metadata(grpc_server):
+    with PolicyClient(f"grpc://127.0.0.1:{grpc_server.port}", timeout=10) as client:
+        assert client.metadata is not None and client.metadata.model_id == "test/echo"
+        assert client.metadata.input_features["observation.state"].shape == (6,)
+        chunk = client.infer({"observation.state": np.zeros(6, np.float32), "tag": 7.0})
+        assert chunk.shape == (16, 6) and chunk.dtype == np.float32
+        assert np.all(chunk == 7.0)
+        assert chunk.server_timing["infer_ms"] >= 0
+        client.reset()
+        assert client.infer({"tag": 2.0})[0, 0] == 2.0
+
+
+def test_bad_request_is_an_error_and_the_server_keeps_serving(grpc_server):
+    with PolicyClient(f"grpc://127.0.0.1:{grpc_server.port}", timeout=10) as client:
+        with pytest.raises(ServerError, match="inference failed: ValueError: test policy asked to fail: boom"):
+            client.infer({"fail": "boom"})
+        assert client.infer({"tag": 1.0})[0, 0] == 1.0
+
+
+def test_malformed_tensor_names_the_field(grpc_server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_server.port}")
+    stub = pb_grpc.PolicyServiceStub(channel)
+    session = stub.GetMetadata(pb.MetadataRequest()).session_id
+    bad = pb.Observation()
+    bad.fields["observation.state"].tensor.CopyFrom(pb.Tensor(dtype="<f4", shape=[6], data=b"\x00" * 5))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(bad, metadata=[("policylink-session", session)], timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "observation.state: 5 bytes of data" in info.value.details()
+    channel.close()
+
+
+def test_malformed_protobuf_is_refused_and_server_alive(grpc_server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_server.port}")
+    raw_infer = channel.unary_unary("/policylink.v1.PolicyService/Infer")  # bytes in, bytes out
+    with pytest.raises(grpc.RpcError) as info:
+        raw_infer(b"\xff\xff\xff\xff garbage, not protobuf", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request is not a valid policylink.v1.Observation protobuf message" in info.value.details()
+    channel.close()
+    with PolicyClient(f"grpc://127.0.0.1:{grpc_server.port}", timeout=10) as client:
+        assert client.infer({"tag": 4.0})[0, 0] == 4.0
+
+
+def test_timeout_then_the_late_reply_is_never_returned(grpc_server):
+    with PolicyClient(f"grpc://127.0.0.1:{grpc_server.port}", timeout=10) as client:
+        with pytest.raises(InferenceTimeout):
+            client.infer({"tag": 1.0, "sleep_s": 1.0}, timeout=0.2)
+        assert client.infer({"tag": 2.0})[0, 0] == 2.0
+
+
+def test_stream_tags_each_chunk_with_its_step(grpc_server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_server.port}")
+    stub = pb_grpc.PolicyServiceStub(channel)
+
+    def observations():
+        for step in (5, 6, 7):
+            message = pb.Observation(step=step)
+            message.fields["tag"].number = float(step * 10)
+            yield message
+
+    chunks = list(stub.Stream(observations(), timeout=20))
+    assert [chunk.step for chunk in chunks] == [5, 6, 7]
+    assert [np.frombuffer(chunk.actions.data, np.float32)[0] for chunk in chunks] == [50.0, 60.0, 70.0]
+    channel.close()
+
+
+def test_unknown_session_is_refused(grpc_server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_server.port}")
+    stub = pb_grpc.PolicyServiceStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(pb.Observation(), metadata=[("policylink-session", "client-999")], timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    channel.close()
+
+
+def test_token_is_checked_on_every_call():
+    engine = Engine(EchoPolicy())
+    server = GrpcServer(engine, "127.0.0.1", 0, api_key="s3cret")
+    with running(engine, [server]):
+        with pytest.raises(ConnectionFailed, match="missing or wrong API key"):
+            PolicyClient(f"grpc://127.0.0.1:{server.port}", api_key="wrong", connect_timeout=5)
+        with PolicyClient(f"grpc://127.0.0.1:{server.port}", api_key="s3cret", timeout=10) as client:
+            assert client.infer({"tag": 3.0})[0, 0] == 3.0
+            # A call with the client's session but without the token is refused too.
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+            stub = pb_grpc.PolicyServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Infer(pb.Observation(), metadata=[("policylink-session", client._transport._session_id)], timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            channel.close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def test_tls(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    engine = Engine(EchoPolicy())
+    server = GrpcServer(engine, "127.0.0.1", 0, tls_cert=cert, tls_key=key, api_key="tok")
+    with running(engine, [server]):
+        with PolicyClient(f"grpcs://127.0.0.1:{server.port}", api_key="tok", ca_file=str(cert), timeout=10) as client:
+            assert client.infer({"tag": 9.0})[0, 0] == 9.0
+        # A plaintext client cannot talk to the TLS port.
+        with pytest.raises(ConnectionFailed):
+            PolicyClient(f"grpc://127.0.0.1:{server.port}", api_key="tok", connect_timeout=2)

@@ -1,0 +1,153 @@
+"""End to end: ``policylink run --monitor --record`` on the fake environment against a real server.
+
+The page is watched in headless Chromium while the run goes on (its Stop
+button pauses the real executor, Start resumes it), the session folder is
+complete, its export loads as a LeRobot dataset, and the server's metrics
+report the traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import free_port
+from policylink.cli import main
+from policylink.policies.builtin import ReplayPolicy
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def post(url: str) -> Any:
+    with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=10) as response:
+        return json.load(response)
+
+
+def chromium() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,900",
+                 f"--user-data-dir={tempfile.mkdtemp(prefix='policylink-chromium-')}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+
+
+class PageDriver:
+    """The monitor's buttons, clicked in Chromium when it is installed, else posted over HTTP."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.browser = chromium() if CHROMIUM and CHROMEDRIVER else None
+        if self.browser is not None:
+            self.browser.get(url)
+
+    def js(self, script: str) -> Any:
+        assert self.browser is not None
+        return self.browser.execute_script(f"return {script};")
+
+    def click(self, action: str) -> None:
+        if self.browser is None:
+            post(self.url + f"api/{action}")
+            return
+        from selenium.webdriver.common.by import By
+
+        self.browser.find_element(By.ID, f"btn-{action}").click()
+        wait_for(lambda: f"{action}: ok" in self.browser.find_element(By.ID, "message").text, f"the page to confirm {action}")
+
+    def close(self) -> None:
+        if self.browser is not None:
+            self.browser.quit()
+
+
+def test_run_with_monitor_and_record(serve: Any, tmp_path: Path, capsys: Any) -> None:
+    server = serve(ReplayPolicy(action_dim=6, horizon=16, cameras={"front": (96, 128), "wrist": (96, 128)}))
+    port = free_port()
+    argv = ["run", "--server", server.url, "--env.cameras", "front,wrist", "--env.image_size", "96x128", "--env.episode_steps", "60",
+            "--episodes", "2", "--mode", "async", "--monitor", str(port), "--record", str(tmp_path / "out")]
+    exit_codes: list[int] = []
+    run = threading.Thread(target=lambda: exit_codes.append(main(argv)), daemon=True)
+    run.start()
+    url = f"http://127.0.0.1:{port}/"
+    wait_for(lambda: _answers(url + "api/status"), "the monitor to answer")
+    wait_for(lambda: get_json(url + "api/status")["step"] >= 5, "the first steps")
+
+    # Pause the real executor from the page, check it holds, resume it.
+    page = PageDriver(url)
+    try:
+        if page.browser is not None:
+            wait_for(lambda: page.js("window.monitor.framesLoaded") >= 2, "camera frames in the page")
+            wait_for(lambda: page.js("window.monitor.samples.length") > 10 and page.js("window.monitor.chunk !== null"), "plotted steps and a chunk")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.browser.save_screenshot(str(ARTIFACTS / "monitor-run.png"))
+        page.click("stop")
+        wait_for(lambda: get_json(url + "api/status")["loop"]["state"] == "paused", "the executor to pause")
+        if page.browser is not None:
+            wait_for(lambda: page.js("document.getElementById('running').textContent") == "paused", "the page to show the pause")
+        paused_at = get_json(url + "api/status")["loop"]["step"]
+        time.sleep(0.5)
+        assert get_json(url + "api/status")["loop"]["step"] == paused_at, "the executor stepped while paused"
+        page.click("start")
+        run.join(60)
+    finally:
+        page.close()
+    assert not run.is_alive() and exit_codes == [0]
+    assert f"policylink: monitor on {url}" in capsys.readouterr().out
+
+    # The session folder is complete.
+    (session,) = (tmp_path / "out").iterdir()
+    metadata = json.loads((session / "metadata.json").read_text())
+    assert metadata["policy"]["model_id"] == "builtin/replay" and metadata["server"] == server.url
+    assert metadata["client"]["mode"] == "async" and metadata["client"]["fps"] == 30
+    assert metadata["stats"]["steps"] == 120 and metadata["stats"]["frames_dropped"] == 0
+    lines = [json.loads(line) for line in (session / "inference_log.jsonl").read_text().splitlines()]
+    assert len(lines) == 120 and {line["episode"] for line in lines} == {0, 1}
+    assert all((session / path).is_file() for line in lines for path in line["images"].values())
+    chunks = (session / "chunks.jsonl").read_text().splitlines()
+
+    # The server counted every chunk request (and the client's per-episode resets).
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as response:
+        metrics = response.read().decode()
+    assert f'policylink_requests_total{{kind="infer",protocol="websocket"}} {float(len(chunks))}' in metrics
+
+    # The export loads as a LeRobot dataset.
+    pytest.importorskip("lerobot")
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    assert main(["export", str(session), str(tmp_path / "dataset"), "--repo-id", "local/run"]) == 0
+    dataset = LeRobotDataset("local/run", root=tmp_path / "dataset")
+    assert (dataset.num_episodes, dataset.num_frames, dataset.fps) == (2, 120, 30)
+    assert tuple(dataset[0]["observation.images.wrist"].shape) == (3, 96, 128)
+
+
+def _answers(url: str) -> bool:
+    try:
+        get_json(url)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,140 @@
+"""A small real control loop for the monitor and recorder tests.
+
+It talks to a real server through a real :class:`PolicyClient`, steps a tiny
+environment with moving camera pictures, and emits the loop's real events
+(:mod:`policylink.runtime.events`) to its listeners. It implements
+:class:`LoopControl`, so the monitor's buttons act on it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from policylink.client import PolicyClient
+from policylink.runtime.events import ChunkEvent, EpisodeEvent, StepEvent
+
+
+class PictureEnv:
+    """An arm whose state follows the actions, seen by cameras showing a moving bar."""
+
+    def __init__(self, cameras: dict[str, tuple[int, int]], action_dim: int = 6, episode_steps: int = 40) -> None:
+        self.cameras = cameras
+        self.action_dim = action_dim
+        self.episode_steps = episode_steps
+        self.state = np.zeros(action_dim, np.float32)
+        self.t = 0
+
+    def reset(self) -> dict[str, Any]:
+        self.state[:] = 0
+        self.t = 0
+        return self.observation()
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool]:
+        self.state = 0.5 * self.state + 0.5 * action.astype(np.float32)
+        self.t += 1
+        return self.observation(), self.t >= self.episode_steps
+
+    def observation(self) -> dict[str, Any]:
+        obs: dict[str, Any] = {"observation.state": self.state.copy(), "task": "watch the bar"}
+        for index, (name, (height, width)) in enumerate(self.cameras.items()):
+            frame = np.zeros((height, width, 3), np.uint8)
+            frame[..., index % 3] = 60
+            column = (self.t * 7) % width
+            frame[:, column : column + max(2, width // 10)] = (255, 220, 0)
+            obs[f"observation.images.{name}"] = frame
+        return obs
+
+
+class TinyLoop:
+    """Synchronous chunk execution at ``fps``: infer, run ``n_steps`` actions, infer again."""
+
+    def __init__(self, client: PolicyClient, env: PictureEnv, fps: float = 30.0, n_steps: int = 8, max_steps: int = 10_000) -> None:
+        self.client, self.env, self.fps, self.n_steps, self.max_steps = client, env, fps, n_steps, max_steps
+        self.listeners: list[Any] = []
+        self.steps = 0
+        self.episode = 0
+        self._running = threading.Event()
+        self._reset = threading.Event()
+        self._quit = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tiny-loop", daemon=True)
+        self._started = False
+
+    # -- LoopControl ------------------------------------------------------
+
+    def start(self) -> None:
+        self._running.set()
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._running.clear()
+
+    def reset_episode(self) -> None:
+        self._reset.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"running": self._running.is_set(), "episode": self.episode, "steps": self.steps}
+
+    def close(self) -> None:
+        self._quit.set()
+        self._running.set()
+        if self._started:
+            self._thread.join(10)
+
+    # -- the loop ---------------------------------------------------------
+
+    def _emit(self, method: str, event: Any) -> None:
+        for listener in self.listeners:
+            getattr(listener, method)(event)
+
+    def _run(self) -> None:
+        obs = self._new_episode()
+        chunk_id, step, total_reward = 0, 0, 0.0
+        period = 1.0 / self.fps
+        while not self._quit.is_set() and self.steps < self.max_steps:
+            if not self._running.wait(0.05):
+                continue
+            if self._reset.is_set():
+                self._reset.clear()
+                self._emit("on_episode", EpisodeEvent(self.episode, started=False, steps=step, info={"reason": "operator reset"}))
+                self.episode += 1
+                obs, step, total_reward = self._new_episode(), 0, 0.0
+            chunk_id += 1
+            chunk = self.client.infer({**obs, "step": step})
+            roundtrip = chunk.reply["client_timing"]["roundtrip_ms"]
+            self._emit("on_chunk", ChunkEvent(self.episode, chunk_id, step, np.asarray(chunk), True, roundtrip_ms=roundtrip, server_timing=chunk.server_timing))
+            for action in np.asarray(chunk)[: self.n_steps]:
+                if not self._running.is_set() or self._quit.is_set() or self.steps >= self.max_steps:
+                    break
+                tick = time.monotonic()
+                obs, done = self.env.step(action)
+                step += 1
+                self.steps += 1
+                reward = float(-np.abs(action).mean())
+                total_reward += reward
+                success = done and total_reward > -1e9
+                latencies = {"roundtrip_ms": roundtrip, **{k: v for k, v in chunk.server_timing.items() if k.endswith("_ms")}}
+                self._emit("on_step", StepEvent(self.episode, step, time.time(), obs, action, chunk_id, True, reward, success, done, latencies))
+                if done:
+                    self._emit("on_episode", EpisodeEvent(self.episode, started=False, steps=step, success=success, total_reward=total_reward))
+                    self.episode += 1
+                    obs, step, total_reward = self._new_episode(), 0, 0.0
+                    break
+                time.sleep(max(0.0, period - (time.monotonic() - tick)))
+
+    def _new_episode(self) -> dict[str, Any]:
+        self.client.reset()
+        self._emit("on_episode", EpisodeEvent(self.episode, started=True))
+        return self.env.reset()
+
+    def wait_steps(self, count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.steps < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the loop made {self.steps} steps in {timeout} s, expected {count}")
+            time.sleep(0.02)
