@@ -24,11 +24,11 @@ from policylink.types import Policy
 __all__ = ["OpenpiStyleServer", "RawTcpFloor", "RawTcpClient", "WebSocketEchoFloor"]
 
 
-class OpenpiStyleServer:
-    """openpi's reference server design, for baseline rows."""
+class _ThreadedWebSocketServer:
+    """A websockets server on its own thread and event loop; subclasses write ``_handler``."""
 
-    def __init__(self, policy: Policy, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.policy, self.host, self.port = policy, host, port
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host, self.port = host, port
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -36,6 +36,33 @@ class OpenpiStyleServer:
     @property
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}"
+
+    async def _handler(self, ws) -> None:
+        raise NotImplementedError
+
+    async def _main(self) -> None:
+        async with serve(self._handler, self.host, self.port, compression=None, max_size=None) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            self._ready.set()
+            while not self._stop.is_set():
+                await asyncio.sleep(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+class OpenpiStyleServer(_ThreadedWebSocketServer):
+    """openpi's reference server design, for baseline rows."""
+
+    def __init__(self, policy: Policy, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
+        self.policy = policy
 
     async def _handler(self, ws) -> None:
         packer = msgpack_numpy.Packer()
@@ -51,22 +78,6 @@ class OpenpiStyleServer:
                 reply["server_timing"]["prev_total_ms"] = prev_total * 1e3
             await ws.send(packer.pack(reply))
             prev_total = time.monotonic() - start
-
-    async def _main(self) -> None:
-        async with serve(self._handler, self.host, self.port, compression=None, max_size=None) as server:
-            self.port = server.sockets[0].getsockname()[1]
-            self._ready.set()
-            while not self._stop.is_set():
-                await asyncio.sleep(0.05)
-
-    def __enter__(self) -> OpenpiStyleServer:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -129,35 +140,16 @@ class RawTcpClient:
         self._sock.close()
 
 
-class WebSocketEchoFloor:
+class WebSocketEchoFloor(_ThreadedWebSocketServer):
     """The websockets library alone: answers every message with ``reply_size`` bytes, no decoding."""
 
     def __init__(self, reply_size: int, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__(host, port)
         self.reply = b"\x00" * reply_size
-        self.host, self.port = host, port
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _handler(self, ws) -> None:
         async for _ in ws:
             await ws.send(self.reply)
-
-    async def _main(self) -> None:
-        async with serve(self._handler, self.host, self.port, compression=None, max_size=None) as server:
-            self.port = server.sockets[0].getsockname()[1]
-            self._ready.set()
-            while not self._stop.is_set():
-                await asyncio.sleep(0.05)
-
-    def __enter__(self) -> WebSocketEchoFloor:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 def _serve_in_this_process(kind: str, port: int, reply_size: int, policy_path: str = "", device: str = "cpu") -> None:

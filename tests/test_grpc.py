@@ -88,11 +88,15 @@ def test_stream_tags_each_chunk_with_its_step(grpc_server):
         for step in (5, 6, 7):
             message = pb.Observation(step=step)
             message.fields["tag"].number = float(step * 10)
+            if step == 6:
+                message.fields["fail"].text = "on purpose"
             yield message
 
     chunks = list(stub.Stream(observations(), timeout=20))
     assert [chunk.step for chunk in chunks] == [5, 6, 7]
-    assert [np.frombuffer(chunk.actions.data, np.float32)[0] for chunk in chunks] == [50.0, 60.0, 70.0]
+    assert chunks[1].error == "inference failed: ValueError: test policy asked to fail: on purpose"
+    assert not chunks[0].error and not chunks[2].error  # the stream went on after the refused observation
+    assert [np.frombuffer(chunks[i].actions.data, np.float32)[0] for i in (0, 2)] == [50.0, 70.0]
     channel.close()
 
 
@@ -142,3 +146,61 @@ def test_tls(tmp_path):
         # A plaintext client cannot talk to the TLS port.
         with pytest.raises(ConnectionFailed):
             PolicyClient(f"grpc://127.0.0.1:{server.port}", api_key="tok", connect_timeout=2)
+
+
+def test_client_reconnects_after_a_server_restart():
+    from conftest import free_port
+
+    port = free_port()
+    engine = Engine(EchoPolicy())
+    with running(engine, [GrpcServer(engine, "127.0.0.1", port)]):
+        client = PolicyClient(f"grpc://127.0.0.1:{port}", timeout=10, connect_timeout=10)
+        assert client.infer({"tag": 1.0})[0, 0] == 1.0
+    engine = Engine(EchoPolicy())
+    with running(engine, [GrpcServer(engine, "127.0.0.1", port)]):
+        # The old session is gone with the old server: the client opens a new one and retries once.
+        assert client.infer({"tag": 2.0})[0, 0] == 2.0
+        assert client.reconnects == 1
+        client.close()
+
+
+def test_base_install_needs_no_grpc():
+    """Without grpc installed, ws:// works as before and grpc:// says which extra to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['grpc'] = None\n"
+        "from policylink.client import PolicyClient\n"
+        "PolicyClient('ws://127.0.0.1:9', connect=False)\n"
+        "try:\n    PolicyClient('grpc://127.0.0.1:9', connect=False)\n"
+        "except ImportError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "grpc:// URLs need the grpc extra: pip install 'policylink[grpc]'" in out.stdout
+
+
+def test_nested_observation_and_jpeg_frames_arrive_as_sent():
+    from policylink.client.grpc import GrpcTransport
+
+    seen: dict = {}
+
+    class Recorder(EchoPolicy):
+        def infer(self, obs):
+            seen.update(obs)
+            return super().infer({})
+
+    engine = Engine(Recorder())
+    server = GrpcServer(engine, "127.0.0.1", 0)
+    frame = np.tile(np.linspace(0, 255, 64, dtype=np.uint8)[None, :, None], (48, 1, 3))  # smooth: JPEG keeps it close
+    with running(engine, [server]):
+        transport = GrpcTransport(f"grpc://127.0.0.1:{server.port}", jpeg_quality=95)
+        transport.connect()
+        reply = transport.request({"images": {"front": frame}, "states": {"arm": np.arange(6, dtype=np.float32)}, "prompt": "stack"}, 10)
+        transport.close()
+    assert reply["actions"].shape == (16, 6)
+    assert seen["prompt"] == "stack"
+    np.testing.assert_array_equal(seen["states"]["arm"], np.arange(6, dtype=np.float32))
+    assert seen["images"]["front"].shape == (48, 64, 3) and seen["images"]["front"].dtype == np.uint8
+    assert np.abs(seen["images"]["front"].astype(int) - frame).mean() < 3

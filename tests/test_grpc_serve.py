@@ -70,3 +70,19 @@ def test_lerobot_compat_needs_trust_pickle():
     out = subprocess.run([*POLICYLINK, "serve", "--lerobot-compat-port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "--lerobot-compat-port needs --trust-pickle" in out.stderr
+
+
+def test_lerobot_compat_warns_and_binds_localhost():
+    ws_port, compat_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [*POLICYLINK, "serve", "--host", "127.0.0.1", "--ws-port", str(ws_port), "--lerobot-compat-port", str(compat_port), "--trust-pickle"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        _wait_healthy(ws_port, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    log = process.stdout.read()
+    assert "WARNING: --trust-pickle" in log and "can run code on this server" in log
+    assert f"LeRobot async inference on 127.0.0.1:{compat_port}" in log

@@ -17,7 +17,7 @@ def add_parser(subparsers: Any) -> None:
         help="send test observations to a server and print what comes back",
         description="Connect to a policy server, build observations matching its announced inputs, and print each chunk's shape and timing.",
     )
-    parser.add_argument("--server", default="ws://127.0.0.1:8000", help="server URL (default: ws://127.0.0.1:8000)")
+    parser.add_argument("--server", default="ws://127.0.0.1:8000", help="server URL: ws://host:port, or grpc://host:port with the [grpc] extra (default: ws://127.0.0.1:8000)")
     parser.add_argument("--repeat", type=int, default=1, help="number of requests (default: 1)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default: 30)")
     parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the server to come up (default: 30)")

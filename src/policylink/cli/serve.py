@@ -60,12 +60,21 @@ def add_protocol_flags(parser: argparse.ArgumentParser) -> None:
                        help="TCP pickles: a legacy client's observation class, rebuilt as a plain attribute bag (never imported); repeatable")
 
 
-def protocol_servers(args: argparse.Namespace, engine: Any) -> list[Any]:
-    """The extra listeners the flags ask for; raises ``ValueError`` for unsafe or incomplete flags."""
-    servers: list[Any] = []
-    max_bytes = int(args.max_message_mb * 2**20)
+def check_protocol_flags(args: argparse.Namespace) -> None:
+    """Refuse unsafe or incomplete protocol flags before any model is loaded."""
     if args.lerobot_compat_port is not None and not args.trust_pickle:
         raise ValueError("--lerobot-compat-port needs --trust-pickle: LeRobot's protocol sends pickles, which can run code on this server")
+    if (args.tls_cert or args.tls_key) and args.grpc_port is None:
+        raise ValueError("--tls-cert/--tls-key secure the gRPC port: add --grpc-port")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+
+
+def protocol_servers(args: argparse.Namespace, engine: Any) -> list[Any]:
+    """The extra listeners the flags ask for; raises ``ValueError`` for unsafe or incomplete flags."""
+    check_protocol_flags(args)
+    servers: list[Any] = []
+    max_bytes = int(args.max_message_mb * 2**20)
     if args.trust_pickle:
         print("policylink: WARNING: --trust-pickle: clients' pickled payloads are admitted; a crafted pickle can run code on this server. "
               "They go through a restricted unpickler, but serve trusted clients on a trusted network only.", flush=True)
@@ -75,8 +84,6 @@ def protocol_servers(args: argparse.Namespace, engine: Any) -> list[Any]:
         except ImportError as exc:
             raise ValueError(f"--grpc-port needs the grpc extra: pip install 'policylink[grpc]' ({exc})") from None
         servers.append(GrpcServer(engine, args.host, args.grpc_port, api_key=args.api_key, tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=max_bytes))
-    elif args.tls_cert or args.tls_key:
-        raise ValueError("--tls-cert/--tls-key secure the gRPC port: add --grpc-port")
     if args.tcp_port is not None:
         from ..server.tcp import TcpServer
 
@@ -192,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     from ..server.engine import Engine
     from ..server.websocket import WebSocketServer
 
+    check_protocol_flags(args)
     policy = policy_from_args(args)
     budget = int(args.model_memory_gb * 2**30) if args.model_memory_gb else None
     engine = Engine(policy, loader=model_loader(), max_models=args.max_models, memory_budget_bytes=budget, batching=batch_options_from_args(args))

@@ -59,11 +59,18 @@ def tensor_to_array(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
 def observation_to_proto(obs: Mapping[str, Any], step: int = 0, jpeg_quality: int | None = None) -> pb.Observation:
     """Encode an observation; with ``jpeg_quality``, HxWx3 uint8 frames travel as JPEG."""
     message = pb.Observation(step=int(step))
-    for key, value in obs.items():
+    _fill(message.fields, obs, jpeg_quality)
+    return message
+
+
+def _fill(fields: Any, values: Mapping[str, Any], jpeg_quality: int | None) -> None:
+    for key, value in values.items():
         if not isinstance(key, str):
             raise ProtocolError(f"observation keys must be strings, got {key!r}")
-        field = message.fields[key]
-        if isinstance(value, str):
+        field = fields[key]
+        if isinstance(value, Mapping):
+            _fill(field.map.fields, value, jpeg_quality)
+        elif isinstance(value, str):
             field.text = value
         elif isinstance(value, (bool, int, float)) and not isinstance(value, np.ndarray):
             field.number = float(value)
@@ -75,29 +82,35 @@ def observation_to_proto(obs: Mapping[str, Any], step: int = 0, jpeg_quality: in
                 field.jpeg = encode_jpeg(array, jpeg_quality)
             else:
                 field.tensor.CopyFrom(array_to_tensor(array))
-    return message
 
 
 def proto_to_observation(message: pb.Observation) -> dict[str, Any]:
     """Decode an observation into the map the engine expects."""
+    return _read(message.fields, "")
+
+
+def _read(fields: Any, prefix: str) -> dict[str, Any]:
     obs: dict[str, Any] = {}
-    for key, field in message.fields.items():
+    for name, field in fields.items():
+        key = prefix + name
         kind = field.WhichOneof("kind")
-        if kind == "tensor":
-            obs[key] = tensor_to_array(field.tensor, key)
+        if kind == "map":
+            obs[name] = _read(field.map.fields, key + ".")
+        elif kind == "tensor":
+            obs[name] = tensor_to_array(field.tensor, key)
         elif kind == "jpeg":
             from ..media import decode_jpeg
 
             try:
-                obs[key] = decode_jpeg(field.jpeg)
+                obs[name] = decode_jpeg(field.jpeg)
             except Exception as exc:  # PIL / OpenCV raise many kinds
                 raise ProtocolError(f"{key}: not a decodable JPEG image ({type(exc).__name__}: {exc})") from None
         elif kind == "text":
-            obs[key] = field.text
+            obs[name] = field.text
         elif kind == "number":
-            obs[key] = field.number
+            obs[name] = field.number
         else:
-            raise ProtocolError(f"{key}: empty value (set tensor, jpeg, text or number)")
+            raise ProtocolError(f"{key}: empty value (set tensor, jpeg, text, number or map)")
     return obs
 
 

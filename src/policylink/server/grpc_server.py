@@ -8,7 +8,8 @@ The schema is ``proto/policylink/proto/v1/policylink.proto``. A client
    call (``Configure``, ``Infer``, ``Stream``, ``Reset``, ``Close``).
 
 A ``Stream`` call without a session header gets a session of its own for the
-duration of the stream. Sessions left idle for ``session_idle_s`` are closed.
+duration of the stream; an observation it refuses is answered with a chunk
+carrying only ``error`` (and its ``step``), and the stream goes on. Sessions left idle for ``session_idle_s`` are closed.
 
 With an ``api_key`` every call must carry ``authorization: Bearer KEY``
 (``UNAUTHENTICATED`` otherwise). Errors map to status codes: bad input
@@ -196,17 +197,23 @@ class GrpcServer(pb_grpc.PolicyServiceServicer):
         """Await ``work``; turn failures into gRPC status codes that name the problem."""
         try:
             return await work
-        except ServerBusy as exc:
-            error, code, message = exc, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        except (RequestError, ProtocolError) as exc:
-            error, code, message = exc, grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        except Exception as exc:  # a broken policy must not take the server down
-            logger.exception("%s: inference failed", session.client_id)
-            error, code, message = exc, grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}"
-        self.engine.metrics.request_failed("grpc", error)
+        except Exception as exc:
+            code, message = self._refusal(session, exc)
+        await context.abort(code, message)
+
+    def _refusal(self, session: ClientSession, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        """Count and log a failed request; the status code and message that tell the client why."""
+        if isinstance(exc, ServerBusy):
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        elif isinstance(exc, (RequestError, ProtocolError)):
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+        else:  # a broken policy must not take the server down
+            logger.error("%s: inference failed", session.client_id, exc_info=exc)
+            code, message = grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}"
+        self.engine.metrics.request_failed("grpc", exc)
         session.errors += 1
         logger.warning("%s: request refused: %s", session.client_id, message)
-        await context.abort(code, message)
+        return code, message
 
     # -- the service ------------------------------------------------------
 
@@ -250,9 +257,15 @@ class GrpcServer(pb_grpc.PolicyServiceServicer):
         session = self._open(context) if own else await self._session(context)
         try:
             async for request in request_iterator:
-                await _check_parsed(request, context)
-                # Each chunk carries the step of the observation it answers.
-                yield await self._run(context, session, self._infer(session, request))
+                # Each chunk carries the step of the observation it answers; a refused
+                # observation gets a chunk with only ``error`` set, and the stream goes on.
+                if isinstance(request, _Malformed):
+                    yield pb.ActionChunk(error=request.message)
+                    continue
+                try:
+                    yield await self._infer(session, request)
+                except Exception as exc:
+                    yield pb.ActionChunk(step=request.step, error=self._refusal(session, exc)[1])
         finally:
             if own:
                 self._sessions.pop(session.client_id, None)

@@ -150,9 +150,12 @@ class LeRobotCompatServer(services_pb2_grpc.AsyncInferenceServicer):
         client = self._client(context)
         try:
             config = safe_pickle.loads(request.data, check=_expect(RemotePolicyConfig))
-            await self.engine.configure(client.session, _configure_request(config))
+            metadata = await self.engine.configure(client.session, _configure_request(config))
         except Exception as exc:
             await self._refuse(context, client, exc)
+        if metadata.policy_type != config.policy_type:
+            logger.warning("%s asked for a %s policy; %s is a %s policy: serving it anyway",
+                           client.session.client_id, config.policy_type, config.pretrained_name_or_path, metadata.policy_type)
         client.config, client.pending = config, None
         client.answered_steps.clear()
         return services_pb2.Empty()

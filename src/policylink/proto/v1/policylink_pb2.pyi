@@ -17,16 +17,31 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("tensor", "jpeg", "text", "number")
+    __slots__ = ("tensor", "jpeg", "text", "number", "map")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     JPEG_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
     tensor: Tensor
     jpeg: bytes
     text: str
     number: float
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., jpeg: _Optional[bytes] = ..., text: _Optional[str] = ..., number: _Optional[float] = ...) -> None: ...
+    map: Fields
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., jpeg: _Optional[bytes] = ..., text: _Optional[str] = ..., number: _Optional[float] = ..., map: _Optional[_Union[Fields, _Mapping]] = ...) -> None: ...
+
+class Fields(_message.Message):
+    __slots__ = ("fields",)
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    fields: _containers.MessageMap[str, Value]
+    def __init__(self, fields: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class Observation(_message.Message):
     __slots__ = ("fields", "step")
@@ -44,7 +59,7 @@ class Observation(_message.Message):
     def __init__(self, fields: _Optional[_Mapping[str, Value]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ActionChunk(_message.Message):
-    __slots__ = ("actions", "server_timing", "step")
+    __slots__ = ("actions", "server_timing", "step", "error")
     class ServerTimingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,10 +70,12 @@ class ActionChunk(_message.Message):
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIMING_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     actions: Tensor
     server_timing: _containers.ScalarMap[str, float]
     step: int
-    def __init__(self, actions: _Optional[_Union[Tensor, _Mapping]] = ..., server_timing: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ...) -> None: ...
+    error: str
+    def __init__(self, actions: _Optional[_Union[Tensor, _Mapping]] = ..., server_timing: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class FeatureSpec(_message.Message):
     __slots__ = ("shape", "dtype")
