@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
-import time
 import urllib.request
 
 import numpy as np
@@ -15,27 +13,11 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("lerobot")
 
-from conftest import free_port  # noqa: E402
+from conftest import POLICYLINK, free_port, wait_healthy  # noqa: E402
 from lerobot_checkpoints import act_dir  # noqa: E402,F401
 
 from policylink.client import PolicyClient  # noqa: E402
 from policylink.client.tcp import TcpClient  # noqa: E402
-
-POLICYLINK = [sys.executable, "-m", "policylink"]
-
-
-def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early: {process.stdout.read()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
-                return json.loads(response.read())
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError("server did not come up")
-
 
 def test_one_process_serves_three_protocols_with_one_model(act_dir):
     ws_port, grpc_port, tcp_port = free_port(), free_port(), free_port()
@@ -45,7 +27,7 @@ def test_one_process_serves_three_protocols_with_one_model(act_dir):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        _wait_healthy(ws_port, process)
+        wait_healthy(ws_port, process)
         rng = np.random.default_rng(0)
         obs = {"observation.state": rng.normal(size=6).astype(np.float32), "observation.images.front": rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)}
         with PolicyClient(f"ws://127.0.0.1:{ws_port}", timeout=60) as ws, PolicyClient(f"grpc://127.0.0.1:{grpc_port}", timeout=60) as rpc, \
@@ -79,7 +61,7 @@ def test_lerobot_compat_warns_and_binds_localhost():
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        _wait_healthy(ws_port, process)
+        wait_healthy(ws_port, process)
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0

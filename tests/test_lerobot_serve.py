@@ -6,7 +6,6 @@ import io
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,14 +17,13 @@ pytestmark = pytest.mark.lerobot
 
 import torch  # noqa: E402
 
-from conftest import free_port  # noqa: E402
+from conftest import POLICYLINK, free_port  # noqa: E402
 from lerobot_checkpoints import act_dir, act_two_cams_dir, diffusion_dir, run_in_process  # noqa: E402,F401
 from policylink import PolicyClient  # noqa: E402
 from policylink.backends.lerobot import load_policy  # noqa: E402
 from policylink.errors import ServerError  # noqa: E402
 from policylink.server.background import BackgroundServer  # noqa: E402
 
-POLICYLINK = [sys.executable, "-m", "policylink"]
 
 
 def served(directory: Path, **options) -> Iterator[BackgroundServer]:

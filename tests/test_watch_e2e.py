@@ -9,6 +9,7 @@ report the traffic.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import threading
@@ -133,7 +134,11 @@ def test_run_with_monitor_and_record(serve: Any, tmp_path: Path, capsys: Any) ->
     # The server counted every chunk request (and the client's per-episode resets).
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as response:
         metrics = response.read().decode()
-    assert f'policylink_requests_total{{kind="infer",protocol="websocket"}} {float(len(chunks))}' in metrics
+    match = re.search(r'^policylink_requests_total\{kind="infer",protocol="websocket"\} ([0-9.]+)$', metrics, re.M)
+    assert match, metrics
+    # An async request still in flight when an episode ends is answered (and counted) but never
+    # becomes a chunk of that episode: at most one per episode.
+    assert len(chunks) <= float(match.group(1)) <= len(chunks) + 2
 
     # The export loads as a LeRobot dataset.
     pytest.importorskip("lerobot")
