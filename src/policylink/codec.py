@@ -13,6 +13,7 @@ need to write into an array must copy it.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import msgpack
@@ -66,7 +67,7 @@ def _decode_array(obj: dict) -> np.ndarray:
         raise ProtocolError(f"refusing numpy array of dtype {dtype}: {_REFUSED_KINDS.get(dtype.kind, 'object')} arrays are not accepted")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("malformed numpy array: 'data' is not bytes")
-    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    expected = dtype.itemsize * math.prod(shape)
     if len(data) != expected:
         raise ProtocolError(f"numpy array data is {len(data)} bytes, but shape {shape} and dtype {dtype} need {expected}")
     # frombuffer shares memory with the message: no copy of large images.

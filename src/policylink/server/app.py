@@ -10,7 +10,7 @@ from typing import Protocol
 
 from .engine import Engine
 
-__all__ = ["ProtocolServer", "run_servers"]
+__all__ = ["ProtocolServer", "ServesInBlock", "run_servers"]
 
 logger = logging.getLogger("policylink.server")
 
@@ -21,6 +21,23 @@ class ProtocolServer(Protocol):
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class ServesInBlock:
+    """Mixin for protocol servers: ``async with Server(...) as server:`` starts it and closes it after."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self):
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
 
 async def run_servers(

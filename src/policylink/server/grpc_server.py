@@ -38,6 +38,7 @@ from ..errors import ProtocolError, RequestError, ServerBusy
 from ..proto import convert
 from ..proto.v1 import policylink_pb2 as pb
 from ..proto.v1 import policylink_pb2_grpc as pb_grpc  # noqa: F401  (the generated stub, for clients)
+from .app import ServesInBlock
 from .engine import ClientSession, Engine
 
 __all__ = ["GrpcServer", "SESSION_HEADER"]
@@ -71,7 +72,7 @@ async def _check_parsed(request: Any, context: aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
-class GrpcServer(pb_grpc.PolicyServiceServicer):
+class GrpcServer(ServesInBlock, pb_grpc.PolicyServiceServicer):
     """Serves an :class:`Engine` over gRPC (``grpc.aio``).
 
     ``tls_cert`` / ``tls_key`` (PEM files) switch the port to TLS.
@@ -131,13 +132,6 @@ class GrpcServer(pb_grpc.PolicyServiceServicer):
         for session, _ in list(self._sessions.values()):
             self.engine.close_session(session)
         self._sessions.clear()
-
-    async def __aenter__(self) -> GrpcServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     def _handlers(self) -> grpc.GenericRpcHandler:
         """The service's handlers, with request parsing that reports malformed protobuf clearly.

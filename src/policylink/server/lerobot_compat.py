@@ -40,6 +40,7 @@ from lerobot.transport import services_pb2, services_pb2_grpc
 
 from ..errors import ProtocolError, RequestError, ServerBusy
 from . import safe_pickle
+from .app import ServesInBlock
 from .engine import ClientSession, Engine
 
 __all__ = ["LeRobotCompatServer"]
@@ -61,7 +62,7 @@ class _Client:
     last_used: float = dataclasses.field(default_factory=time.monotonic)
 
 
-class LeRobotCompatServer(services_pb2_grpc.AsyncInferenceServicer):
+class LeRobotCompatServer(ServesInBlock, services_pb2_grpc.AsyncInferenceServicer):
     """Serves an :class:`Engine` to LeRobot's async-inference robot clients."""
 
     def __init__(
@@ -100,13 +101,6 @@ class LeRobotCompatServer(services_pb2_grpc.AsyncInferenceServicer):
         for client in self._clients.values():
             self.engine.close_session(client.session)
         self._clients.clear()
-
-    async def __aenter__(self) -> LeRobotCompatServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # -- clients ----------------------------------------------------------
 

@@ -37,6 +37,7 @@ import numpy as np
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
 from ..errors import ProtocolError, RequestError, ServerBusy
 from . import safe_pickle
+from .app import ServesInBlock
 from .engine import ClientSession, Engine
 
 __all__ = ["TcpServer", "legacy_observation", "read_frame", "write_frame", "HEADER"]
@@ -107,7 +108,7 @@ def _numpy(value: Any) -> Any:
     return value.detach().cpu().numpy() if hasattr(value, "detach") else value
 
 
-class TcpServer:
+class TcpServer(ServesInBlock):
     """Serves an :class:`Engine` over length-prefixed TCP.
 
     ``trust_pickle`` admits pickled payloads (restricted unpickler);
@@ -143,13 +144,6 @@ class TcpServer:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-
-    async def __aenter__(self) -> TcpServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")

@@ -32,6 +32,7 @@ from websockets.http11 import Request, Response
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
 from ..errors import ProtocolError, RequestError, ServerBusy
+from .app import ServesInBlock
 from .engine import ClientSession, Engine
 from .metrics import CONTENT_TYPE, loaded_model_ids
 
@@ -45,7 +46,7 @@ T = TypeVar("T")
 COMMAND_KEY = "__command__"
 
 
-class WebSocketServer:
+class WebSocketServer(ServesInBlock):
     """Serves an :class:`Engine` over WebSocket.
 
     Use as ``async with WebSocketServer(engine, "127.0.0.1", 0) as server:``;
@@ -88,13 +89,6 @@ class WebSocketServer:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> WebSocketServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     # -- HTTP side: health check and API key ------------------------------
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -121,12 +115,14 @@ class WebSocketServer:
         peer = "%s:%s" % ws.remote_address[:2] if ws.remote_address else ""
         session = self.engine.open_session(peer)
         packer = Packer()
+        # One watcher per connection: lets a request that waits in a queue be dropped when its client leaves.
+        closed = asyncio.ensure_future(ws.wait_closed())
         try:
             await ws.send(packer.pack(self.engine.metadata_frame(session)))
             async for message in ws:
                 started = time.perf_counter()
                 try:
-                    reply = await _unless_closed(ws, self._answer(session, message))
+                    reply = await _unless_closed(closed, self._answer(session, message))
                     if reply is None:  # the client left while its request waited: drop it
                         break
                 except (RequestError, ProtocolError, ServerBusy) as exc:
@@ -145,6 +141,7 @@ class WebSocketServer:
             if exc.rcvd is None or exc.rcvd.code not in (1000, 1001):
                 logger.info("%s: connection closed: %s", session.client_id, exc)
         finally:
+            closed.cancel()
             self.engine.close_session(session)
 
     async def _answer(self, session: ClientSession, message: str | bytes) -> dict[str, Any]:
@@ -179,17 +176,13 @@ class WebSocketServer:
         await ws.send(message)
 
 
-async def _unless_closed(ws: ServerConnection, work: Awaitable[T]) -> T | None:
-    """Await ``work`` unless the connection closes first; then cancel it and return ``None``.
+async def _unless_closed(closed: asyncio.Future, work: Awaitable[T]) -> T | None:
+    """Await ``work`` unless ``closed`` (the connection's end) comes first; then cancel it and return ``None``.
 
     Cancelling takes a queued request out of its model's batch queue.
     """
     task = asyncio.ensure_future(work)
-    closed = asyncio.ensure_future(ws.wait_closed())
-    try:
-        await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        closed.cancel()
+    await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         return task.result()
     task.cancel()
