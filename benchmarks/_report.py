@@ -47,7 +47,8 @@ def percentile_ms(samples_s: list[float], q: float) -> float:
 
 def write_section(title: str, body: str, command: str | None = None) -> None:
     """Replace (or append) the ``## title`` section of BENCHMARKS.md."""
-    command = command or "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), BENCHMARKS_MD.parent)
+    command = command or ".venv/bin/python " + " ".join([script] + sys.argv[1:])
     section = f"## {title}\n\nMachine: {machine_line()}  \nCommand: `{command}`\n\n{body.strip()}\n"
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else HEADER
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
