@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from ..client import PolicyClient
@@ -28,6 +29,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The demo prints its own lines; the in-process server's per-request log would drown them.
+    if args.log_level != "debug":
+        for name in ("policylink.server", "websockets"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     policy = ReplayPolicy(action_dim=6, horizon=16, cameras={"front": (480, 640)}, latency_ms=args.latency_ms)
     with BackgroundServer(policy) as server, PolicyClient(server.url) as client:
         metadata = client.metadata
