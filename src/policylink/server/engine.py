@@ -30,9 +30,12 @@ from .batching import BatchScheduler
 from .metrics import ServerMetrics
 from .models import ModelCache, model_key
 
-__all__ = ["Engine", "ServedModel", "ClientSession", "ModelLoader", "BatchOptions"]
+__all__ = ["Engine", "ServedModel", "ClientSession", "ModelLoader", "BatchOptions", "COMMAND_KEY"]
 
 logger = logging.getLogger("policylink.server")
+
+#: Key that marks a request map as a command rather than an observation (every protocol).
+COMMAND_KEY = "__command__"
 
 #: Builds a policy from a configure request (policy path, device, dtype, ...).
 ModelLoader = Callable[[Mapping[str, Any]], Policy]
@@ -209,6 +212,19 @@ class Engine:
     async def reset(self, session: ClientSession) -> None:
         if session.model is not None and session.policy is not None:
             await session.model.run(session.policy.reset)
+
+    async def command(self, session: ClientSession, request: Mapping[str, Any]) -> dict[str, Any]:
+        """Answer a command map (``{COMMAND_KEY: "reset" | "metadata" | "configure", ...}``) of any protocol."""
+        command = request[COMMAND_KEY]
+        if command == "reset":
+            await self.reset(session)
+            return {"ok": True}
+        if command == "metadata":
+            return self.metadata_frame(session)
+        if command == "configure":
+            metadata = await self.configure(session, request)
+            return {"ok": True, "status": "ready", **metadata.to_dict()}
+        raise RequestError(f"unknown command {command!r}; known: configure, metadata, reset")
 
     async def configure(self, session: ClientSession, request: Mapping[str, Any]) -> PolicyMetadata:
         """Load (or reuse) the model a client asks for and attach it to its session.

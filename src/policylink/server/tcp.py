@@ -38,7 +38,7 @@ from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
 from ..errors import ProtocolError, RequestError, ServerBusy
 from . import safe_pickle
 from .app import ServesInBlock
-from .engine import ClientSession, Engine
+from .engine import COMMAND_KEY, ClientSession, Engine
 
 __all__ = ["TcpServer", "legacy_observation", "read_frame", "write_frame", "HEADER"]
 
@@ -46,7 +46,6 @@ logger = logging.getLogger("policylink.server")
 
 #: The length prefix: 4-byte big-endian unsigned.
 HEADER = struct.Struct(">I")
-_COMMAND_KEY = "__command__"
 
 
 class FrameError(ProtocolError):
@@ -195,18 +194,9 @@ class TcpServer(ServesInBlock):
         request = unpackb(payload)
         if not isinstance(request, dict):
             raise RequestError(f"a request must be a msgpack map, got {type(request).__name__}")
-        command = request.get(_COMMAND_KEY)
-        if command is None:
-            return await self.engine.infer(session, request)
-        if command == "reset":
-            await self.engine.reset(session)
-            return {"ok": True}
-        if command == "metadata":
-            return self.engine.metadata_frame(session)
-        if command == "configure":
-            metadata = await self.engine.configure(session, request)
-            return {"ok": True, "status": "ready", **metadata.to_dict()}
-        raise RequestError(f"unknown command {command!r}; known: configure, metadata, reset")
+        if COMMAND_KEY in request:
+            return await self.engine.command(session, request)
+        return await self.engine.infer(session, request)
 
     async def _answer_pickle(self, session: ClientSession, payload: bytes) -> bytes:
         if not self.trust_pickle:

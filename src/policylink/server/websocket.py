@@ -33,7 +33,7 @@ from websockets.http11 import Request, Response
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
 from ..errors import ProtocolError, RequestError, ServerBusy
 from .app import ServesInBlock
-from .engine import ClientSession, Engine
+from .engine import COMMAND_KEY, ClientSession, Engine
 from .metrics import CONTENT_TYPE, loaded_model_ids
 
 __all__ = ["WebSocketServer", "COMMAND_KEY"]
@@ -42,8 +42,6 @@ logger = logging.getLogger("policylink.server")
 
 T = TypeVar("T")
 
-#: Key that marks a request as a command rather than an observation.
-COMMAND_KEY = "__command__"
 
 
 class WebSocketServer(ServesInBlock):
@@ -153,22 +151,10 @@ class WebSocketServer(ServesInBlock):
         if not isinstance(request, dict):
             raise RequestError(f"a request must be a msgpack map, got {type(request).__name__}")
         if COMMAND_KEY in request:
-            return await self._command(session, request)
+            return await self.engine.command(session, request)
         reply = await self.engine.infer(session, request)
         reply["server_timing"]["decode_ms"] = round(decode_ms, 3)
         return reply
-
-    async def _command(self, session: ClientSession, request: dict[str, Any]) -> dict[str, Any]:
-        command = request[COMMAND_KEY]
-        if command == "reset":
-            await self.engine.reset(session)
-            return {"ok": True}
-        if command == "metadata":
-            return self.engine.metadata_frame(session)
-        if command == "configure":
-            metadata = await self.engine.configure(session, request)
-            return {"ok": True, "status": "ready", **metadata.to_dict()}
-        raise RequestError(f"unknown command {command!r}; known: configure, metadata, reset")
 
     async def _send_error(self, ws: ServerConnection, session: ClientSession, message: str) -> None:
         session.errors += 1
