@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["machine_line", "write_section", "percentile_ms"]
+__all__ = ["machine_line", "write_section", "percentile_ms", "latency_rows"]
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery section is written by the script named in it; `make bench` reruns them all.\n"
@@ -43,6 +43,15 @@ def percentile_ms(samples_s: list[float], q: float) -> float:
         return float("nan")
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index] * 1e3
+
+
+def latency_rows(rows: list[tuple[str, list[float]]], base_p50_ms: float, digits: int = 1) -> list[str]:
+    """Markdown rows ``| name | p50 | p99 | p50 / base |`` for (name, durations in seconds) pairs."""
+    lines = []
+    for name, samples in rows:
+        p50, p99 = percentile_ms(samples, 50), percentile_ms(samples, 99)
+        lines.append(f"| {name} | {p50:.2f} | {p99:.2f} | {p50 / base_p50_ms:.{digits}f}x |")
+    return lines
 
 
 def write_section(title: str, body: str, command: str | None = None) -> None:

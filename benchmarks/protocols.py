@@ -16,7 +16,7 @@ import pickle
 import numpy as np
 
 from _process import free_port, policylink_server
-from _report import percentile_ms, write_section
+from _report import latency_rows, percentile_ms, write_section
 from policylink import PolicyClient
 from policylink.client.grpc import GrpcTransport
 from policylink.client.tcp import TcpClient
@@ -69,9 +69,7 @@ def main() -> None:
         "| protocol | p50 ms | p99 ms | p50 / WebSocket |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for name, samples in rows:
-        p50, p99 = percentile_ms(samples, 50), percentile_ms(samples, 99)
-        lines.append(f"| {name} | {p50:.2f} | {p99:.2f} | {p50 / ws_p50:.2f}x |")
+    lines += latency_rows(rows, ws_p50, digits=2)
     lines += [
         "",
         "TCP skips WebSocket's framing and client-side masking of 450 KiB, hence below the WebSocket figure. gRPC's extra time is in "

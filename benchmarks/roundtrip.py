@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 
 from _baselines import RawTcpClient
 from _process import baseline_server, policylink_server
-from _report import percentile_ms, write_section
+from _report import latency_rows, percentile_ms, write_section
 from policylink import PolicyClient
 from policylink.codec import packb
 
@@ -89,9 +89,7 @@ def main() -> None:
         "| pair | p50 ms | p99 ms | p50 / raw floor |",
         "| --- | ---: | ---: | ---: |",
     ]
-    for name, samples in rows:
-        p50, p99 = percentile_ms(samples, 50), percentile_ms(samples, 99)
-        lines.append(f"| {name} | {p50:.2f} | {p99:.2f} | {p50 / floor_p50:.1f}x |")
+    lines += latency_rows(rows, floor_p50)
     lines += [
         "",
         "Reading the table: the issue's targets were (a) policylink's pair within 3x the raw floor and (b) openpi's "

@@ -70,11 +70,15 @@ def check_protocol_flags(args: argparse.Namespace) -> None:
         raise ValueError("TLS needs both --tls-cert and --tls-key")
 
 
+def max_message_bytes(args: argparse.Namespace) -> int:
+    """``--max-message-mb`` in bytes: the limit every protocol applies to one request."""
+    return int(args.max_message_mb * 2**20)
+
+
 def protocol_servers(args: argparse.Namespace, engine: Any) -> list[Any]:
-    """The extra listeners the flags ask for; raises ``ValueError`` for unsafe or incomplete flags."""
-    check_protocol_flags(args)
+    """The extra listeners the flags ask for (call :func:`check_protocol_flags` first)."""
     servers: list[Any] = []
-    max_bytes = int(args.max_message_mb * 2**20)
+    max_bytes = max_message_bytes(args)
     if args.trust_pickle:
         print("policylink: WARNING: --trust-pickle: clients' pickled payloads are admitted; a crafted pickle can run code on this server. "
               "They go through a restricted unpickler, but serve trusted clients on a trusted network only.", flush=True)
@@ -203,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
     budget = int(args.model_memory_gb * 2**30) if args.model_memory_gb else None
     engine = Engine(policy, loader=model_loader(), max_models=args.max_models, memory_budget_bytes=budget, batching=batch_options_from_args(args))
-    ws = WebSocketServer(engine, args.host, args.port, api_key=args.api_key, max_message_bytes=int(args.max_message_mb * 2**20))
+    ws = WebSocketServer(engine, args.host, args.port, api_key=args.api_key, max_message_bytes=max_message_bytes(args))
     if getattr(args, "metrics_port", None) is not None:
         engine.metrics.serve(args.metrics_port, args.host)
         print(f"policylink: Prometheus metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)

@@ -38,6 +38,7 @@ from lerobot.async_inference.helpers import RemotePolicyConfig, TimedAction, Tim
 from lerobot.datasets.utils import build_dataset_frame
 from lerobot.transport import services_pb2, services_pb2_grpc
 
+from ..codec import DEFAULT_MAX_MESSAGE_BYTES
 from ..errors import ProtocolError, RequestError, ServerBusy
 from . import safe_pickle
 from .app import ServesInBlock
@@ -71,7 +72,7 @@ class LeRobotCompatServer(ServesInBlock, services_pb2_grpc.AsyncInferenceService
         host: str = "127.0.0.1",
         port: int = 8080,
         *,
-        max_message_bytes: int = 64 * 2**20,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         obs_timeout_s: float = 2.0,
         client_idle_s: float = 600.0,
     ) -> None:
