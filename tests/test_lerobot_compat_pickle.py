@@ -57,17 +57,19 @@ def test_code_running_pickles_are_refused_before_they_run(exploit, tmp_path):
     assert marker.exists()
 
 
-def test_exploit_hidden_in_a_torch_storage_is_refused(tmp_path):
-    """Torch rebuilds storages with torch.load(weights_only=False); ours loads them with weights_only=True."""
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_exploit_hidden_in_a_torch_storage_is_refused(tmp_path, zipped):
+    """Torch rebuilds storages with torch.load(weights_only=False); ours parses the legacy stream itself."""
     marker = tmp_path / "pwned"
     buffer = io.BytesIO()
-    torch.save({"x": _System(marker)}, buffer)
+    torch.save({"x": _System(marker)}, buffer, _use_new_zipfile_serialization=zipped)
 
     class Storage:
         def __reduce__(self):
             return (torch.storage._load_from_bytes, (buffer.getvalue(),))
 
-    with pytest.raises(ProtocolError, match="malformed pickle: UnpicklingError"):
+    message = "zip archive" if zipped else "refusing to unpickle (posix|nt).system inside a torch storage"
+    with pytest.raises(UnsafePickle, match=message):
         loads(pickle.dumps(Storage()))
     assert not marker.exists()
 

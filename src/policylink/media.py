@@ -3,6 +3,12 @@
 Shared by the monitor (live frames) and the recorder (``images/``). JPEG
 coding uses Pillow, or OpenCV when Pillow is missing; the robot-side base
 install has neither, so ``pip install 'policylink[monitor]'`` brings Pillow.
+
+:func:`decode_image` is the decoder for images that arrive from the network:
+it accepts only the formats it is given (JPEG, PNG), reads the image's size
+from its header (:func:`image_header`, a small parser of the JPEG frame
+header and the PNG ``IHDR`` chunk) and refuses an image larger than
+``max_pixels`` before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -13,7 +19,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["camera_frames", "state_vector", "encode_jpeg", "decode_jpeg", "jpeg_available", "JPEG_MISSING"]
+from .errors import ProtocolError
+
+__all__ = [
+    "camera_frames",
+    "state_vector",
+    "encode_jpeg",
+    "decode_jpeg",
+    "decode_image",
+    "image_header",
+    "ImageDecodeError",
+    "ImageTooLarge",
+    "jpeg_available",
+    "JPEG_MISSING",
+]
 
 #: The message raised when neither Pillow nor OpenCV can be imported.
 JPEG_MISSING = "JPEG encoding needs Pillow (pip install 'policylink[monitor]') or OpenCV"
@@ -99,6 +118,157 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     if frame is None:
         raise ValueError("not a JPEG image")
     return frame[..., ::-1].copy()
+
+
+class ImageDecodeError(ProtocolError, ValueError):
+    """A compressed image is corrupt, of a format not accepted, or too large to decode."""
+
+
+class ImageTooLarge(ImageDecodeError):
+    """A compressed image's header claims more pixels than the limit allows."""
+
+
+_DECODABLE = ("JPEG", "PNG")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG frame headers (SOFn): baseline, extended, progressive, lossless, hierarchical, arithmetic.
+_JPEG_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+_JPEG_STANDALONE = frozenset((0x01, 0xD0, 0xD1, 0xD2, 0xD3, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8))  # markers without a length
+
+
+def _format_name(data: bytes) -> str:
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "WEBP"
+    return "unknown"
+
+
+def image_header(data: bytes) -> tuple[str, int, int]:
+    """``(format, width, height)`` of JPEG or PNG ``data``, read from its header without decoding.
+
+    Raises :class:`ImageDecodeError` when ``data`` is neither, or its header
+    is truncated or corrupt.
+    """
+    data = bytes(data)
+    name = _format_name(data)
+    if name == "JPEG":
+        width, height = _jpeg_size(data)
+    elif name == "PNG":
+        if len(data) < 24:
+            raise ImageDecodeError("not a decodable PNG image (truncated header)")
+        if data[12:16] != b"IHDR":
+            raise ImageDecodeError("not a decodable PNG image (it does not start with an IHDR chunk)")
+        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    else:
+        raise ImageDecodeError(f"image format {name} cannot be decoded (only {', '.join(_DECODABLE)})")
+    return name, width, height
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the JPEG frame header (SOFn), read up to the first scan."""
+    size = None
+    pos, end = 2, len(data)
+    while True:
+        pos = data.find(b"\xff", pos)  # skips junk between segments, as libjpeg does
+        if pos < 0:
+            raise ImageDecodeError("not a decodable JPEG image (it ends before its first scan)")
+        while pos < end and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= end:
+            raise ImageDecodeError("not a decodable JPEG image (it ends before its first scan)")
+        marker = data[pos]
+        pos += 1
+        if marker == 0x00 or marker in _JPEG_STANDALONE:
+            continue
+        if marker == 0xD9:
+            raise ImageDecodeError("not a decodable JPEG image (it ends before its first scan)")
+        if pos + 2 > end:
+            raise ImageDecodeError("not a decodable JPEG image (truncated header)")
+        length = (data[pos] << 8) | data[pos + 1]
+        if length < 2:
+            raise ImageDecodeError(f"not a decodable JPEG image (segment of length {length} at byte {pos})")
+        if marker in _JPEG_SOF:
+            if length < 8 or pos + 7 > end:
+                raise ImageDecodeError("not a decodable JPEG image (truncated frame header)")
+            if size is not None:
+                raise ImageDecodeError("not a decodable JPEG image (more than one frame header)")
+            height = (data[pos + 3] << 8) | data[pos + 4]
+            width = (data[pos + 5] << 8) | data[pos + 6]
+            size = (width, height)
+        elif marker == 0xDA:  # start of scan: the frame header must have come
+            if size is None:
+                raise ImageDecodeError("not a decodable JPEG image (no frame header before its first scan)")
+            return size
+        pos += length
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image of {width}x{height} pixels has an empty side")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image of {width}x{height} pixels exceeds the {max_pixels}-pixel limit")
+
+
+def decode_image(data: bytes, max_pixels: int, formats: tuple[str, ...] = ("JPEG", "PNG")) -> np.ndarray:
+    """Decode a compressed image from the network into an ``HxWx3`` RGB uint8 array.
+
+    Only ``formats`` (a subset of ``("JPEG", "PNG")``) are accepted, whatever
+    else the image library can read. The width and height are read from the
+    header and checked (each side > 0, ``width * height <= max_pixels``)
+    before anything is decoded. Raises :class:`ImageTooLarge` /
+    :class:`ImageDecodeError` (both ``ProtocolError`` and ``ValueError``),
+    or :class:`ImportError` when neither Pillow nor OpenCV is installed.
+    """
+    accepted = tuple(name.upper() for name in formats)
+    if not accepted or any(name not in _DECODABLE for name in accepted):
+        raise ValueError(f"decode_image formats must be among {_DECODABLE}, got {formats!r}")
+    if not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    data = bytes(data)
+    name = _format_name(data)
+    if name not in accepted:
+        raise ImageDecodeError(f"image format {name} is not accepted (accepted: {', '.join(accepted)})")
+    name, width, height = image_header(data)
+    _check_size(width, height, max_pixels)
+    backend, module = _backend()
+    if backend == "pillow":
+        return _decode_pillow(module, data, name, width, height)
+    frame = module.imdecode(np.frombuffer(data, np.uint8), module.IMREAD_COLOR)
+    if frame is None:
+        raise ImageDecodeError(f"not a decodable {name} image")
+    if frame.shape[:2] != (height, width):
+        raise ImageDecodeError(f"not a decodable {name} image (header says {width}x{height}, decoded {frame.shape[1]}x{frame.shape[0]})")
+    return frame[..., ::-1].copy()
+
+
+def _decode_pillow(image_module: Any, data: bytes, name: str, width: int, height: int) -> np.ndarray:
+    # Pillow warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and refuses
+    # twice that; the size is known already, so refuse here instead of warning.
+    bomb_limit = image_module.MAX_IMAGE_PIXELS
+    if bomb_limit is not None and width * height > bomb_limit:
+        raise ImageTooLarge(f"image of {width}x{height} pixels exceeds Pillow's {bomb_limit}-pixel decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS)")
+    try:
+        with image_module.open(io.BytesIO(data), formats=[name]) as image:
+            if image.size != (width, height):  # a header our parser and Pillow read differently
+                raise ImageDecodeError(f"not a decodable {name} image (header says {width}x{height}, Pillow reads {image.size[0]}x{image.size[1]})")
+            rgb = image.convert("RGB")
+    except ImageDecodeError:
+        raise
+    except (image_module.DecompressionBombError, image_module.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image of {width}x{height} pixels: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's plugins raise many kinds (OSError, SyntaxError, ValueError, ...)
+        raise ImageDecodeError(f"not a decodable {name} image ({type(exc).__name__}: {exc})") from None
+    return np.asarray(rgb)
 
 
 def _backend() -> tuple[str, Any]:

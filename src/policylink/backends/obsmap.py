@@ -24,13 +24,14 @@ This module needs only numpy (and Pillow for compressed images).
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from ..errors import RequestError
+from ..limits import DEFAULT_LIMITS
+from ..media import decode_image
 
 __all__ = ["ObservationSpec", "MappedObservation", "map_observation", "parse_rename_map"]
 
@@ -260,12 +261,10 @@ def _image(value: Any, camera: str) -> np.ndarray:
 
 
 def _decode_image(data: bytes, camera: str) -> np.ndarray:
+    """JPEG or PNG bytes to ``HxWx3`` uint8, with the size checked before decoding (no decompression bombs)."""
     try:
-        from PIL import Image
+        return decode_image(data, DEFAULT_LIMITS.max_image_pixels)
     except ImportError:
         raise RequestError(f"camera {camera!r} image is compressed, but the server lacks Pillow to decode it") from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception as exc:  # Pillow raises many types for bad data
+    except ValueError as exc:
         raise RequestError(f"camera {camera!r} image could not be decoded: {exc}") from None

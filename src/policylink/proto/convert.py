@@ -5,6 +5,15 @@ messages (numpy dtype string, shape, C-order bytes); object, void and
 complex dtypes are refused, as in the msgpack codec. Decoding checks that
 the bytes match the shape and dtype, so a malformed tensor gets an error
 that names it instead of a crash inside the policy.
+
+Received bytes are decoded within a :class:`~policylink.limits.DecodeLimits`:
+:func:`parse_message` (and :func:`observation_message`,
+:func:`observation_from_bytes`) first walk the wire format with
+:func:`~policylink.proto.wire_limits.check_wire`, so a message that would
+parse into millions of values is refused before the protobuf parser builds
+it; :func:`proto_to_observation` then bounds the nesting of values, the
+dimensions of tensors and the pixels of ``jpeg`` images (read from the
+image header before decoding).
 """
 
 from __future__ import annotations
@@ -13,47 +22,49 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
+from ..codec import checked_array, checked_dtype, refuse_unsendable
 from ..errors import ProtocolError
+from ..limits import DEFAULT_LIMITS, DecodeLimits
 from ..types import PolicyMetadata
 from .v1 import policylink_pb2 as pb
+from .wire_limits import WireFormatError, check_wire
 
 __all__ = [
     "array_to_tensor",
     "tensor_to_array",
     "observation_to_proto",
     "proto_to_observation",
+    "parse_message",
+    "observation_message",
+    "observation_from_bytes",
     "chunk_to_proto",
     "proto_to_reply",
     "frame_to_metadata",
     "metadata_to_frame",
 ]
 
-_REFUSED_KINDS = {"O": "object", "V": "void (structured)", "c": "complex"}
+#: What the ``jpeg`` field of a ``Value`` may hold (the schema says JPEG).
+JPEG_FIELD_FORMATS = ("JPEG",)
 
 
 def array_to_tensor(array: Any) -> pb.Tensor:
     array = np.asarray(array)
-    if array.dtype.kind in _REFUSED_KINDS:
-        raise ProtocolError(f"cannot send a numpy {_REFUSED_KINDS[array.dtype.kind]} array (dtype {array.dtype}); use numeric arrays")
+    refuse_unsendable(array)
     return pb.Tensor(dtype=array.dtype.str, shape=array.shape, data=np.ascontiguousarray(array).tobytes())
 
 
-def tensor_to_array(tensor: pb.Tensor, name: str = "tensor") -> np.ndarray:
-    """Rebuild an array; raises :class:`ProtocolError` naming ``name`` when it is malformed."""
-    try:
-        dtype = np.dtype(tensor.dtype)
-    except TypeError:
-        raise ProtocolError(f"{name}: unknown dtype {tensor.dtype!r}") from None
-    if dtype.kind in _REFUSED_KINDS or dtype.hasobject:
-        raise ProtocolError(f"{name}: refusing dtype {dtype} ({_REFUSED_KINDS.get(dtype.kind, 'object')} arrays are not accepted)")
-    shape = tuple(tensor.shape)
-    if any(n < 0 for n in shape):
-        raise ProtocolError(f"{name}: negative dimension in shape {shape}")
-    expected = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    if len(tensor.data) != expected:
-        raise ProtocolError(f"{name}: {len(tensor.data)} bytes of data, but shape {shape} and dtype {dtype} need {expected}")
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+def tensor_to_array(tensor: pb.Tensor, name: str = "tensor", limits: DecodeLimits | None = None) -> np.ndarray:
+    """Rebuild an array; raises :class:`ProtocolError` naming ``name`` when it is malformed or breaks ``limits``."""
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    dtype = checked_dtype(tensor.dtype, name)
+    ndim = len(tensor.shape)  # counted before the shape becomes Python integers
+    if ndim > limits.max_ndim:
+        raise ProtocolError(f"{name}: shape has {ndim} dimensions (limit max_ndim={limits.max_ndim})")
+    data = tensor.data  # each access copies the bytes out of the message: read once
+    return checked_array(data, dtype, tuple(tensor.shape), name, limits)
 
 
 def observation_to_proto(obs: Mapping[str, Any], step: int = 0, jpeg_quality: int | None = None) -> pb.Observation:
@@ -84,27 +95,36 @@ def _fill(fields: Any, values: Mapping[str, Any], jpeg_quality: int | None) -> N
                 field.tensor.CopyFrom(array_to_tensor(array))
 
 
-def proto_to_observation(message: pb.Observation) -> dict[str, Any]:
-    """Decode an observation into the map the engine expects."""
-    return _read(message.fields, "")
+def proto_to_observation(message: pb.Observation, limits: DecodeLimits | None = None) -> dict[str, Any]:
+    """Decode an observation into the map the engine expects.
+
+    Refuses (:class:`ProtocolError` naming the field and the limit) values
+    nested deeper than ``limits.max_depth`` maps, more than
+    ``limits.max_elements`` fields in all, tensors of more than
+    ``limits.max_ndim`` dimensions, and ``jpeg`` images that are not JPEG or
+    whose header claims more than ``limits.max_image_pixels`` pixels.
+    """
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    return _read(message.fields, "", limits, 1, [0])
 
 
-def _read(fields: Any, prefix: str) -> dict[str, Any]:
+def _read(fields: Any, prefix: str, limits: DecodeLimits, depth: int, count: list[int]) -> dict[str, Any]:
+    if depth > limits.max_depth:
+        raise ProtocolError(f"{prefix[:-1]}: values nest deeper than {limits.max_depth} levels (limit max_depth={limits.max_depth})")
+    count[0] += len(fields)
+    if count[0] > limits.max_elements:
+        raise ProtocolError(f"observation has more than {limits.max_elements} fields (limit max_elements={limits.max_elements})")
     obs: dict[str, Any] = {}
     for name, field in fields.items():
         key = prefix + name
         kind = field.WhichOneof("kind")
         if kind == "map":
-            obs[name] = _read(field.map.fields, key + ".")
+            obs[name] = _read(field.map.fields, key + ".", limits, depth + 1, count)
         elif kind == "tensor":
-            obs[name] = tensor_to_array(field.tensor, key)
+            obs[name] = tensor_to_array(field.tensor, key, limits)
         elif kind == "jpeg":
-            from ..media import decode_jpeg
-
-            try:
-                obs[name] = decode_jpeg(field.jpeg)
-            except Exception as exc:  # PIL / OpenCV raise many kinds
-                raise ProtocolError(f"{key}: not a decodable JPEG image ({type(exc).__name__}: {exc})") from None
+            obs[name] = _decode_jpeg_field(field.jpeg, key, limits)
         elif kind == "text":
             obs[name] = field.text
         elif kind == "number":
@@ -114,21 +134,70 @@ def _read(fields: Any, prefix: str) -> dict[str, Any]:
     return obs
 
 
+def _decode_jpeg_field(data: bytes, key: str, limits: DecodeLimits) -> np.ndarray:
+    from ..media import ImageDecodeError, ImageTooLarge, decode_image
+
+    try:
+        return decode_image(data, limits.max_image_pixels, JPEG_FIELD_FORMATS)
+    except ImageTooLarge as exc:
+        raise ProtocolError(f"{key}: {exc} (max_image_pixels)") from None
+    except ImageDecodeError as exc:
+        message = str(exc)
+        if not message.startswith("not a decodable"):
+            message = f"not a decodable JPEG image ({message})"
+        raise ProtocolError(f"{key}: {message}") from None
+    except Exception as exc:  # PIL / OpenCV raise many kinds; ImportError without either
+        raise ProtocolError(f"{key}: not a decodable JPEG image ({type(exc).__name__}: {exc})") from None
+
+
+def parse_message(data: bytes, message_class: Any, limits: DecodeLimits | None = None) -> Any:
+    """Parse received bytes into ``message_class`` after checking their wire format against ``limits``.
+
+    Raises :class:`ProtocolError`: naming the limit a message breaks, or
+    "request is not a valid <type> protobuf message (...)" for bytes that are
+    not a well-formed message of that type.
+    """
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    type_name = message_class.DESCRIPTOR.full_name
+    try:
+        check_wire(data, message_class.DESCRIPTOR, limits)
+    except WireFormatError as exc:
+        raise ProtocolError(f"request is {exc}") from None
+    try:
+        return message_class.FromString(bytes(data) if isinstance(data, memoryview) else data)
+    except DecodeError as exc:
+        raise ProtocolError(f"request is not a valid {type_name} protobuf message ({exc})") from None
+
+
+def observation_message(data: bytes, limits: DecodeLimits | None = None) -> pb.Observation:
+    """The parsed :class:`Observation` of received bytes (checked as :func:`parse_message` does)."""
+    return parse_message(data, pb.Observation, limits)
+
+
+def observation_from_bytes(data: bytes, limits: DecodeLimits | None = None) -> dict[str, Any]:
+    """Check, parse and decode a received ``Observation`` into the map the engine expects."""
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    return proto_to_observation(observation_message(data, limits), limits)
+
+
 def chunk_to_proto(reply: Mapping[str, Any], step: int = 0) -> pb.ActionChunk:
     timing = {key: float(value) for key, value in dict(reply.get("server_timing") or {}).items() if isinstance(value, (int, float))}
     return pb.ActionChunk(actions=array_to_tensor(np.asarray(reply["actions"], np.float32)), server_timing=timing, step=int(step))
 
 
-def proto_to_reply(message: pb.ActionChunk) -> dict[str, Any]:
+def proto_to_reply(message: pb.ActionChunk, limits: DecodeLimits | None = None) -> dict[str, Any]:
     """The reply map a WebSocket client would get: ``actions``, ``server_timing``, ``step``."""
     timing: dict[str, float] = dict(message.server_timing)
-    return {"actions": tensor_to_array(message.actions, "actions"), "server_timing": timing, "step": message.step}
+    return {"actions": tensor_to_array(message.actions, "actions", limits), "server_timing": timing, "step": message.step}
 
 
 def frame_to_metadata(frame: Mapping[str, Any], session_id: str = "") -> pb.Metadata:
     """Encode the engine's metadata frame (ready or idle)."""
+    limit = int(frame.get("max_message_bytes") or 0)
     if frame.get("status") == "idle" or "action_dim" not in frame:
-        return pb.Metadata(status="idle", message=str(frame.get("message") or ""), session_id=session_id)
+        return pb.Metadata(status="idle", message=str(frame.get("message") or ""), session_id=session_id, max_message_bytes=limit)
     features = {
         key: pb.FeatureSpec(shape=list(spec.get("shape") or ()), dtype=str(spec.get("dtype") or "float32"))
         for key, spec in dict(frame.get("input_features") or {}).items()
@@ -146,13 +215,15 @@ def frame_to_metadata(frame: Mapping[str, Any], session_id: str = "") -> pb.Meta
         description=str(frame.get("description") or ""),
         action_space=str(frame.get("action_space") or ""),
         session_id=session_id,
+        max_message_bytes=limit,
     )
 
 
 def metadata_to_frame(message: pb.Metadata) -> dict[str, Any]:
     """Decode into the same map a WebSocket client receives as its first frame."""
+    server = {"protocol": "policylink.v1", "max_message_bytes": message.max_message_bytes or None}
     if message.status == "idle":
-        return {"status": "idle", "model_id": None, "message": message.message}
+        return {"status": "idle", "model_id": None, "message": message.message, **server}
     metadata = PolicyMetadata.from_dict({
         "model_id": message.model_id,
         "policy_type": message.policy_type,
@@ -165,4 +236,4 @@ def metadata_to_frame(message: pb.Metadata) -> dict[str, Any]:
         "description": message.description,
         "action_space": message.action_space or "joint_position",
     })
-    return {"status": message.status or "ready", **metadata.to_dict()}
+    return {"status": message.status or "ready", **metadata.to_dict(), **server}

@@ -59,7 +59,7 @@ class Observation(_message.Message):
     def __init__(self, fields: _Optional[_Mapping[str, Value]] = ..., step: _Optional[int] = ...) -> None: ...
 
 class ActionChunk(_message.Message):
-    __slots__ = ("actions", "server_timing", "step", "error")
+    __slots__ = ("actions", "server_timing", "step", "error", "error_kind")
     class ServerTimingEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,11 +71,13 @@ class ActionChunk(_message.Message):
     SERVER_TIMING_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
     actions: Tensor
     server_timing: _containers.ScalarMap[str, float]
     step: int
     error: str
-    def __init__(self, actions: _Optional[_Union[Tensor, _Mapping]] = ..., server_timing: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    error_kind: str
+    def __init__(self, actions: _Optional[_Union[Tensor, _Mapping]] = ..., server_timing: _Optional[_Mapping[str, float]] = ..., step: _Optional[int] = ..., error: _Optional[str] = ..., error_kind: _Optional[str] = ...) -> None: ...
 
 class FeatureSpec(_message.Message):
     __slots__ = ("shape", "dtype")
@@ -86,7 +88,7 @@ class FeatureSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Metadata(_message.Message):
-    __slots__ = ("status", "model_id", "policy_type", "action_dim", "horizon", "n_action_steps", "fps", "input_features", "camera_names", "description", "action_space", "message", "session_id")
+    __slots__ = ("status", "model_id", "policy_type", "action_dim", "horizon", "n_action_steps", "fps", "input_features", "camera_names", "description", "action_space", "message", "session_id", "max_message_bytes")
     class InputFeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +109,7 @@ class Metadata(_message.Message):
     ACTION_SPACE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     status: str
     model_id: str
     policy_type: str
@@ -120,7 +123,8 @@ class Metadata(_message.Message):
     action_space: str
     message: str
     session_id: str
-    def __init__(self, status: _Optional[str] = ..., model_id: _Optional[str] = ..., policy_type: _Optional[str] = ..., action_dim: _Optional[int] = ..., horizon: _Optional[int] = ..., n_action_steps: _Optional[int] = ..., fps: _Optional[float] = ..., input_features: _Optional[_Mapping[str, FeatureSpec]] = ..., camera_names: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., action_space: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    max_message_bytes: int
+    def __init__(self, status: _Optional[str] = ..., model_id: _Optional[str] = ..., policy_type: _Optional[str] = ..., action_dim: _Optional[int] = ..., horizon: _Optional[int] = ..., n_action_steps: _Optional[int] = ..., fps: _Optional[float] = ..., input_features: _Optional[_Mapping[str, FeatureSpec]] = ..., camera_names: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., action_space: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class MetadataRequest(_message.Message):
     __slots__ = ()
