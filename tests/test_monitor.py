@@ -84,12 +84,23 @@ def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+#: Idle polls of the stopped loop to watch; each lasts TinyLoop.IDLE_POLL_S (50 ms), longer than a 30 fps control period.
+STOPPED_POLLS = 6
+
+
 def assert_stays_stopped(loop: TinyLoop) -> None:
-    """After a stop, the step counter no longer moves (one step may have been in flight)."""
+    """After a stop, the step counter no longer moves (one step may have been in flight).
+
+    Timed by the loop itself: once its thread polls the run flag (it only does
+    so while stopped, so a step in flight at the stop is done), the counter
+    must stay put over STOPPED_POLLS further polls, i.e. over more than
+    STOPPED_POLLS control periods. A loop that kept stepping never polls, and
+    the wait fails.
+    """
     assert loop.status()["running"] is False
-    time.sleep(0.3)
+    loop.wait_idle_polls(1, timeout=10)
     settled = loop.steps
-    time.sleep(0.5)
+    loop.wait_idle_polls(STOPPED_POLLS, timeout=10)
     assert loop.steps == settled, "the loop kept stepping after stop"
 
 
@@ -127,7 +138,7 @@ def test_buttons_act_on_the_loop(loop: TinyLoop, monitor: Monitor) -> None:
     loop.wait_steps(10)
     status, body = post(monitor.url + "api/reset")
     assert status == 200 and body["action"] == "reset"
-    wait_for(lambda: loop.episode >= 1, "the reset to start episode 1")
+    loop.wait_until(lambda: loop.episode >= 1, "the reset to start episode 1", timeout=20)
 
     status, body = post(monitor.url + "api/stop")
     assert status == 200 and body["loop"]["running"] is False
@@ -170,10 +181,24 @@ def test_page_in_headless_chromium(loop: TinyLoop, monitor: Monitor) -> None:
         driver.get(monitor.url)
         page = lambda script: driver.execute_script(f"return {script};")  # noqa: E731
 
-        wait_for(lambda: page("window.monitor.framesLoaded") >= 2, "camera frames in the page")
+        def frame_size(name: str) -> tuple[int, int]:
+            """(height, width) of the frame the page shows for ``name``; (0, 0) before one has loaded."""
+            return tuple(page(f"(() => {{ const img = document.querySelector('img[data-camera=\"{name}\"]');"
+                              " return img ? [img.naturalHeight, img.naturalWidth] : [0, 0]; })()"))
+
+        # Each camera's own frame: framesLoaded counts loads of any camera, so two could be one camera's.
+        # The size is checked as read when the frame showed: while the next frame loads it reads (0, 0).
+        shown: dict[str, tuple[int, int]] = {}
+
+        def frame_shown(name: str) -> bool:
+            shown[name] = frame_size(name)
+            return shown[name][1] > 0
+
+        for name, shape in CAMERAS.items():
+            wait_for(lambda name=name: frame_shown(name), f"a {name} frame in the page")
+            assert shown[name] == shape, f"the {name} frame has size {shown[name]}, expected {shape}"
         images = driver.find_elements(By.CSS_SELECTOR, "#cameras img")
         assert {img.get_attribute("data-camera") for img in images} == set(CAMERAS)
-        assert all(page(f"document.querySelector('img[data-camera={name}]').naturalWidth") == CAMERAS[name][1] for name in CAMERAS)
 
         # The plots update: more steps arrive and are drawn.
         drawn, step = page("window.monitor.plotsDrawn"), int(driver.find_element(By.ID, "step").text)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,25 +30,35 @@ CAMERAS = {"front": (24, 32)}
 
 
 class Events:
-    """A listener that keeps every event (thread-safe reads for tests)."""
+    """A listener that keeps every event (thread-safe reads for tests); :meth:`wait_until` waits on them."""
 
     def __init__(self) -> None:
         self.steps: list[StepEvent] = []
         self.chunks: list[ChunkEvent] = []
         self.episodes: list[EpisodeEvent] = []
         self.order: list[str] = []
+        self._arrived = threading.Condition()
+
+    def _keep(self, kept: list, event: Any, kind: str) -> None:
+        with self._arrived:
+            kept.append(event)
+            self.order.append(kind)
+            self._arrived.notify_all()
 
     def on_step(self, event: StepEvent) -> None:
-        self.steps.append(event)
-        self.order.append("step")
+        self._keep(self.steps, event, "step")
 
     def on_chunk(self, event: ChunkEvent) -> None:
-        self.chunks.append(event)
-        self.order.append("chunk")
+        self._keep(self.chunks, event, "chunk")
 
     def on_episode(self, event: EpisodeEvent) -> None:
-        self.episodes.append(event)
-        self.order.append("episode")
+        self._keep(self.episodes, event, "episode")
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Block until ``condition()`` (about the events kept) holds; it is re-checked at each new event."""
+        with self._arrived:
+            if not self._arrived.wait_for(condition, timeout):
+                raise AssertionError(f"condition not reached in time ({len(self.steps)} steps, {len(self.chunks)} chunks, {len(self.episodes)} episode events)")
 
 
 def replay_policy(latency_ms: float = 0.0, horizon: int = 16, action_dim: int = 6) -> ReplayPolicy:
@@ -171,7 +183,7 @@ def test_watchdog_holds_when_the_server_dies_and_the_loop_recovers(serve):
         wait_for(lambda: executor.stats.watchdog_trips >= 1)
         assert executor.status()["state"] == "holding"
         held_from = len(events.steps)
-        wait_for(lambda: len(events.steps) >= held_from + 5)
+        events.wait_until(lambda: len(events.steps) >= held_from + 5)
         held = [event for event in events.steps[held_from:] if not event.fresh]
         assert held and all(np.array_equal(event.action, held[0].action) for event in held)
         chunks_before = executor.stats.chunks
@@ -197,7 +209,7 @@ def test_rejected_chunks_are_reported_and_never_executed(serve):
         validator = ChunkValidator(action_dim=6, limits=JointLimits(-1, 1))
         executor = Executor(client, fake_env(), ExecutorConfig(fps=50), validator=validator, listeners=[events])
         executor.start()
-        wait_for(lambda: len(events.chunks) >= 2)
+        events.wait_until(lambda: len(events.chunks) >= 2)
         executor.close()
     assert events.chunks and not any(chunk.accepted for chunk in events.chunks)
     assert "leaves the joint limits: 5 at step 0, joint 0" in events.chunks[0].reason
@@ -234,23 +246,35 @@ def test_loop_control_from_another_thread(serve):
     with PolicyClient(server.url) as client:
         executor = Executor(client, fake_env(steps=100_000), ExecutorConfig(fps=100, n_action_steps=8), listeners=[events])
         executor.start()
-        wait_for(lambda: len(events.steps) >= 5)
+        events.wait_until(lambda: len(events.steps) >= 5)
         executor.stop()
         wait_for(lambda: executor.status()["state"] == "paused")
         paused_at = len(events.steps)
-        time.sleep(0.2)
-        assert len(events.steps) == paused_at  # a paused loop sends no commands
-        executor.reset_episode()
+        # Resets while paused, timed by the loop itself: the paused loop notices each one after a
+        # full poll of its run flag (50 ms, five control periods), ends the episode, starts the
+        # next one and fetches its first chunk (two requests to the server), then pauses again
+        # instead of executing it. A paused loop sends no commands all that time.
+        resets = 4
+        for episode in range(1, resets + 1):
+            executor.reset_episode()
+            events.wait_until(lambda episode=episode: len(events.episodes) >= 2 * episode + 1)  # the last one ended, this one started
+            wait_for(lambda: executor.status()["state"] == "paused")
+            first = events.chunks[-1]
+            assert first.episode == episode and first.accepted  # the episode's first chunk arrived, and was not executed
+            assert len(events.steps) == paused_at  # a paused loop sends no commands
         executor.start()
-        wait_for(lambda: len(events.episodes) >= 3 and len(events.steps) >= paused_at + 5)
+        events.wait_until(lambda: len(events.steps) >= paused_at + 5)
         status = executor.status()
-        assert status["episode"] == 1 and status["running"]
-        assert events.episodes[1].info["reason"] == "operator reset"
+        assert status["episode"] == resets and status["running"]
+        ended = events.episodes[1::2]
+        assert len(ended) == resets and all(not event.started and event.info["reason"] == "operator reset" for event in ended)
+        assert {event.episode for event in events.steps[paused_at:]} == {resets}
         executor.close()
         assert executor.status()["state"] == "finished"
 
 
 def wait_for(condition, timeout: float = 30.0) -> None:
+    """Poll executor state that offers no event to wait on (its status, its statistics, threads)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -276,7 +300,7 @@ def test_reset_while_waiting_for_the_first_chunk_starts_one_new_episode(serve):
         executor.start()
         wait_for(lambda: executor.status()["state"] == "waiting")
         executor.reset_episode()
-        wait_for(lambda: len(events.steps) >= 3)
+        events.wait_until(lambda: len(events.steps) >= 3)
         executor.close()
     ended = [event for event in events.episodes if not event.started]
     assert ended[0].info["reason"] == "operator reset" and ended[0].steps == 0

@@ -52,24 +52,36 @@ def test_temporal_ensemble_weighs_rows_by_how_many_predictions_they_average():
     np.testing.assert_allclose(merged[:3, 0], [(3 * 1 + 3) / 4, (2 * 1 + 3) / 3, (1 + 3) / 2], rtol=1e-6)
 
 
-def test_temporal_ensemble_matches_lerobot_act_ensembler():
+def executed_like_act(rule, chunks: np.ndarray) -> np.ndarray:
+    """The actions executed when ``rule`` merges each chunk into the queue, one step executed between chunks, as ACT does."""
+    horizon, dim = chunks.shape[1:]
+    queue, counts, executed = np.zeros((0, dim), np.float32), np.zeros(0, np.int64), []
+    for chunk in chunks:  # queue aligned by step
+        overlap = len(queue)
+        merged = rule.merge(queue, chunk, counts)
+        counts = np.concatenate([counts + 1, np.ones(horizon - overlap, np.int64)])
+        executed.append(merged[0])
+        queue, counts = merged[1:], counts[1:]
+    return np.array(executed)
+
+
+@pytest.mark.parametrize("k", [0.01, 0.5, -0.5])  # ACT's default, favouring older predictions, favouring newer ones
+def test_temporal_ensemble_matches_lerobot_act_ensembler(k):
     torch = pytest.importorskip("torch")
     from lerobot.policies.act.modeling_act import ACTTemporalEnsembler
 
     rng = np.random.default_rng(0)
-    horizon, dim, k = 5, 2, 0.01
-    chunks = rng.normal(size=(4, horizon, dim)).astype(np.float32)
+    horizon, dim = 5, 2
+    # Each chunk predicts other values for the same steps (noise, plus a drift of 2 per chunk), so
+    # what is executed depends on which predictions the rule weighs, and how much.
+    chunks = (rng.normal(size=(4, horizon, dim)) + 2.0 * np.arange(4)[:, None, None]).astype(np.float32)
     reference = ACTTemporalEnsembler(k, horizon)
-    expected = [reference.update(torch.from_numpy(chunk[None]))[0].numpy() for chunk in chunks]
-    # Ours: queue aligned by step, one step executed between chunks, as ACT does.
-    rule, queue, counts, ours = TemporalEnsemble(k), np.zeros((0, dim), np.float32), np.zeros(0, np.int64), []
-    for chunk in chunks:
-        overlap = len(queue)
-        merged = rule.merge(queue, chunk, counts)
-        counts = np.concatenate([counts + 1, np.ones(horizon - overlap, np.int64)])
-        ours.append(merged[0])
-        queue, counts = merged[1:], counts[1:]
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    expected = np.array([reference.update(torch.from_numpy(chunk[None]))[0].numpy() for chunk in chunks])
+    np.testing.assert_allclose(executed_like_act(TemporalEnsemble(k), chunks), expected, rtol=1e-5, atol=1e-6)
+    # The comparison tells the rules apart: the latest chunk alone, a fixed blend, or the
+    # exponential weights in the wrong order (newest first) miss the reference by far.
+    for wrong in (LatestOnly(), WeightedAverage(0.3), TemporalEnsemble(-k)):
+        assert np.max(np.abs(executed_like_act(wrong, chunks) - expected)) > 1e-2, f"{wrong} would pass this comparison"
 
 
 def test_unknown_merge_rule_is_named():

@@ -8,13 +8,16 @@ report the traffic.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,26 @@ def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.load(response)
+
+
+def updates(url: str) -> Iterator[dict[str, Any]]:
+    """The monitor's ``update`` server-sent events, as it sends them (one every 1 / update_hz s)."""
+    conn = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=10)
+    try:
+        conn.request("GET", "/events")
+        response = conn.getresponse()
+        assert response.status == 200
+        name = ""
+        while True:
+            line = response.readline().decode().rstrip("\n")
+            if not line and response.isclosed():
+                return
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: ") and name == "update":
+                yield json.loads(line[6:])
+    finally:
+        conn.close()
 
 
 def post(url: str) -> Any:
@@ -111,8 +134,18 @@ def test_run_with_monitor_and_record(serve: Any, tmp_path: Path, capsys: Any) ->
         if page.browser is not None:
             wait_for(lambda: page.js("document.getElementById('running').textContent") == "paused", "the page to show the pause")
         paused_at = get_json(url + "api/status")["loop"]["step"]
-        time.sleep(0.5)
-        assert get_json(url + "api/status")["loop"]["step"] == paused_at, "the executor stepped while paused"
+        # Timed by the monitor's own update stream: the first update brings the history, each of
+        # the next ones what is new since the one before (0.5 s, 15 control periods in all).
+        stream = updates(url)
+        try:
+            history = next(stream)
+            assert history["loop"]["step"] == paused_at and history["status"]["step"] == paused_at
+            for _ in range(5):
+                update = next(stream)
+                assert update["samples"] == [] and update["loop"]["step"] == paused_at, "the executor stepped while paused"
+                assert update["loop"]["state"] == "paused"
+        finally:
+            stream.close()
         page.click("start")
         run.join(60)
     finally:

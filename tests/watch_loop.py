@@ -4,12 +4,17 @@ It talks to a real server through a real :class:`PolicyClient`, steps a tiny
 environment with moving camera pictures, and emits the loop's real events
 (:mod:`policylink.runtime.events`) to its listeners. It implements
 :class:`LoopControl`, so the monitor's buttons act on it.
+
+Tests wait on the loop's own progress (:meth:`TinyLoop.wait_until`) instead of
+sleeping: every step, episode change and idle poll of a stopped loop wakes
+the waiters.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,11 +57,17 @@ class PictureEnv:
 class TinyLoop:
     """Synchronous chunk execution at ``fps``: infer, run ``n_steps`` actions, infer again."""
 
+    #: How long a stopped loop waits for its run flag before polling again.
+    IDLE_POLL_S = 0.05
+
     def __init__(self, client: PolicyClient, env: PictureEnv, fps: float = 30.0, n_steps: int = 8, max_steps: int = 10_000) -> None:
         self.client, self.env, self.fps, self.n_steps, self.max_steps = client, env, fps, n_steps, max_steps
         self.listeners: list[Any] = []
         self.steps = 0
         self.episode = 0
+        #: How often the loop thread, stopped, has polled its run flag (each poll waits ``IDLE_POLL_S``).
+        self.idle_polls = 0
+        self._progress = threading.Condition()
         self._running = threading.Event()
         self._reset = threading.Event()
         self._quit = threading.Event()
@@ -97,12 +108,13 @@ class TinyLoop:
         chunk_id, step, total_reward = 0, 0, 0.0
         period = 1.0 / self.fps
         while not self._quit.is_set() and self.steps < self.max_steps:
-            if not self._running.wait(0.05):
+            if not self._running.wait(self.IDLE_POLL_S):
+                self._advance("idle_polls")
                 continue
             if self._reset.is_set():
                 self._reset.clear()
                 self._emit("on_episode", EpisodeEvent(self.episode, started=False, steps=step, info={"reason": "operator reset"}))
-                self.episode += 1
+                self._advance("episode")
                 obs, step, total_reward = self._new_episode(), 0, 0.0
             chunk_id += 1
             chunk = self.client.infer({**obs, "step": step})
@@ -114,7 +126,7 @@ class TinyLoop:
                 tick = time.monotonic()
                 obs, done = self.env.step(action)
                 step += 1
-                self.steps += 1
+                self._advance("steps")
                 reward = float(-np.abs(action).mean())
                 total_reward += reward
                 success = done and total_reward > -1e9
@@ -122,7 +134,7 @@ class TinyLoop:
                 self._emit("on_step", StepEvent(self.episode, step, time.time(), obs, action, chunk_id, True, reward, success, done, latencies))
                 if done:
                     self._emit("on_episode", EpisodeEvent(self.episode, started=False, steps=step, success=success, total_reward=total_reward))
-                    self.episode += 1
+                    self._advance("episode")
                     obs, step, total_reward = self._new_episode(), 0, 0.0
                     break
                 time.sleep(max(0.0, period - (time.monotonic() - tick)))
@@ -132,9 +144,24 @@ class TinyLoop:
         self._emit("on_episode", EpisodeEvent(self.episode, started=True))
         return self.env.reset()
 
+    def _advance(self, counter: str) -> None:
+        """Count one step, episode or idle poll, and wake the tests waiting on the loop's progress."""
+        with self._progress:
+            setattr(self, counter, getattr(self, counter) + 1)
+            self._progress.notify_all()
+
+    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        """Block until ``predicate()`` holds, re-checking it at each step, episode change or idle poll."""
+        with self._progress:
+            if not self._progress.wait_for(predicate, timeout):
+                raise TimeoutError(f"timed out after {timeout} s waiting for {what} (steps {self.steps}, episode {self.episode}, idle polls {self.idle_polls})")
+
     def wait_steps(self, count: int, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.steps < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the loop made {self.steps} steps in {timeout} s, expected {count}")
-            time.sleep(0.02)
+        self.wait_until(lambda: self.steps >= count, f"{count} steps", timeout)
+
+    def wait_idle_polls(self, count: int, timeout: float = 30.0) -> int:
+        """Wait until the stopped loop has polled its run flag ``count`` more times; returns the poll counter then."""
+        with self._progress:
+            target = self.idle_polls + count
+        self.wait_until(lambda: self.idle_polls >= target, f"{count} idle polls of the stopped loop", timeout)
+        return self.idle_polls
