@@ -1,13 +1,16 @@
-"""Run protocol servers (gRPC, TCP, LeRobot compat, WebSocket) on one engine in a background thread."""
+"""Run protocol servers (gRPC, TCP, LeRobot compat, WebSocket) on one engine in a background thread; raw TCP frames."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from policylink.codec import packb, unpackb
 from policylink.server.app import run_servers
 from policylink.server.engine import Engine
 
@@ -40,3 +43,24 @@ def running(engine: Engine, servers: Sequence[Any]) -> Iterator[Sequence[Any]]:
     finally:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(15)
+
+
+def read_frame(sock: socket.socket) -> Any:
+    """One length-prefixed msgpack frame from a raw socket, decoded."""
+    (length,) = struct.unpack(">I", _recv_exactly(sock, 4))
+    return unpackb(_recv_exactly(sock, length))
+
+
+def send_frame(sock: socket.socket, message: Any) -> None:
+    """One length-prefixed msgpack frame to a raw socket."""
+    payload = packb(message)
+    sock.sendall(struct.pack(">I", len(payload)) + payload)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"connection closed after {len(data)} of {size} bytes"
+        data += chunk
+    return data

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+from conftest import wait_until
 from websockets.sync.client import connect
 
 from policylink import PolicyClient, ServerBusy, ServerError
@@ -23,6 +24,8 @@ class LinearPolicy(Policy):
 
     Each client session counts its own calls (``reply["calls"]``) to show that
     per-client state stays per client. ``obs["sleep_s"]`` slows a batch down.
+    ``batch_tags`` keeps each forward pass's ``obs["tag"]`` values. A batch with
+    an ``obs["hold"]`` sets :attr:`holding` and waits for :attr:`release`.
     """
 
     def __init__(self) -> None:
@@ -34,6 +37,9 @@ class LinearPolicy(Policy):
         self.calls = 0
         self.batches: list[int] = []
         self.seen_tags: list[float] = []
+        self.batch_tags: list[list[float]] = []
+        self.holding = threading.Event()
+        self.release = threading.Event()
 
     @property
     def metadata(self) -> PolicyMetadata:
@@ -53,7 +59,12 @@ class LinearPolicy(Policy):
 
     def infer_batch(self, sessions: Sequence[Policy], observations: Sequence[Observation]) -> list[Reply]:
         self.batches.append(len(observations))
-        self.seen_tags.extend(float(obs.get("tag", -1)) for obs in observations)
+        tags = [float(obs.get("tag", -1)) for obs in observations]
+        self.seen_tags.extend(tags)
+        self.batch_tags.append(tags)
+        if any("hold" in obs for obs in observations):
+            self.holding.set()
+            assert self.release.wait(30), "the test never released the held batch"
         time.sleep(max(float(obs.get("sleep_s", 0.0)) for obs in observations))
         states = np.stack([np.asarray(obs["observation.state"], np.float32) for obs in observations])
         actions = np.einsum("tas,bs->bta", self.weights, states)
@@ -115,7 +126,7 @@ def test_requests_of_different_shapes_do_not_share_a_batch(serve):
 
     def work(i: int):
         state = good if i % 2 == 0 else np.ones(STATE_DIM + 1, np.float32)
-        return clients[i].infer({"observation.state": state})
+        return clients[i].infer({"observation.state": state, "tag": float(i)})
 
     try:
         results = run_concurrently(4, work)
@@ -127,6 +138,10 @@ def test_requests_of_different_shapes_do_not_share_a_batch(serve):
     for i in (1, 3):  # the wrong-shaped ones fail on their own, the others are unharmed
         assert isinstance(results[i], ServerError), results[i]
         assert "inference failed: ValueError" in str(results[i])
+    # No forward pass mixed the shapes: each batch holds right-shaped (even tags) or wrong-shaped (odd tags) requests only.
+    right, wrong = {0.0, 2.0}, {1.0, 3.0}
+    assert all(set(tags) <= right or set(tags) <= wrong for tags in policy.batch_tags), policy.batch_tags
+    assert right <= set(policy.seen_tags) and wrong <= set(policy.seen_tags), policy.batch_tags
 
 
 def test_per_client_state_never_leaks_across_batched_clients(serve):
@@ -166,16 +181,24 @@ def test_client_that_disconnects_while_queued_is_dropped(serve):
     policy = LinearPolicy()
     engine = Engine(policy, batching=BatchOptions(max_batch=4, batch_timeout_ms=0))
     server = serve(engine)
+    scheduler = engine.default_model.scheduler
     state = np.zeros(STATE_DIM, np.float32)
     with PolicyClient(server.url, timeout=30) as slow:
-        thread = threading.Thread(target=lambda: slow.infer({"observation.state": state, "sleep_s": 1.5, "tag": 1.0}))
+        thread = threading.Thread(target=lambda: slow.infer({"observation.state": state, "hold": True, "tag": 1.0}))
         thread.start()
-        time.sleep(0.3)  # the slow batch is running now
-        with connect(server.url) as ws:
-            ws.recv(timeout=5)
-            ws.send(packb({"observation.state": state, "tag": 99.0}))
-            time.sleep(0.2)  # queued behind the slow batch
+        try:
+            assert policy.holding.wait(10), "the slow batch never started"
+            with connect(server.url) as ws:
+                ws.recv(timeout=5)
+                ws.send(packb({"observation.state": state, "tag": 99.0}))
+                wait_until(lambda: scheduler.queued == 1, "the second request to queue behind the slow batch")
+            # The server noticed the disconnect (and cancelled the queued request) once it closed that session.
+            wait_until(lambda: len(engine.sessions) == 1, "the server to close the disconnected session")
+            assert policy.seen_tags == [1.0]  # the slow batch still holds the worker: nothing else ran yet
+        finally:
+            policy.release.set()
         thread.join(30)
+    assert not thread.is_alive()
     with PolicyClient(server.url) as after:
         after.infer({"observation.state": state, "tag": 2.0})
     assert 99.0 not in policy.seen_tags

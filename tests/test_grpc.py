@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from conftest import EchoPolicy  # noqa: E402
+from conftest import EchoPolicy, self_signed_cert  # noqa: E402
 from protocol_servers import running  # noqa: E402
 
 from policylink.client import PolicyClient  # noqa: E402
-from policylink.errors import ConnectionFailed, InferenceTimeout, ServerError  # noqa: E402
+from policylink.errors import ConnectionFailed, InferenceTimeout, ServerError, Unauthorized  # noqa: E402
 from policylink.proto.v1 import policylink_pb2 as pb  # noqa: E402
 from policylink.proto.v1 import policylink_pb2_grpc as pb_grpc  # noqa: E402
 from policylink.server.engine import Engine  # noqa: E402
@@ -63,9 +60,10 @@ def test_malformed_tensor_names_the_field(grpc_server):
 
 def test_malformed_protobuf_is_refused_and_server_alive(grpc_server):
     channel = grpc.insecure_channel(f"127.0.0.1:{grpc_server.port}")
+    session = pb_grpc.PolicyServiceStub(channel).GetMetadata(pb.MetadataRequest()).session_id
     raw_infer = channel.unary_unary("/policylink.v1.PolicyService/Infer")  # bytes in, bytes out
     with pytest.raises(grpc.RpcError) as info:
-        raw_infer(b"\xff\xff\xff\xff garbage, not protobuf", timeout=10)
+        raw_infer(b"\xff\xff\xff\xff garbage, not protobuf", metadata=[("policylink-session", session)], timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request is not a valid policylink.v1.Observation protobuf message" in info.value.details()
     channel.close()
@@ -113,7 +111,7 @@ def test_token_is_checked_on_every_call():
     engine = Engine(EchoPolicy())
     server = GrpcServer(engine, "127.0.0.1", 0, api_key="s3cret")
     with running(engine, [server]):
-        with pytest.raises(ConnectionFailed, match="missing or wrong API key"):
+        with pytest.raises(Unauthorized, match="missing or wrong API key"):
             PolicyClient(f"grpc://127.0.0.1:{server.port}", api_key="wrong", connect_timeout=5)
         with PolicyClient(f"grpc://127.0.0.1:{server.port}", api_key="s3cret", timeout=10) as client:
             assert client.infer({"tag": 3.0})[0, 0] == 3.0
@@ -126,18 +124,8 @@ def test_token_is_checked_on_every_call():
             channel.close()
 
 
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
-        check=True, capture_output=True,
-    )
-    return cert, key
-
-
 def test_tls(tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     engine = Engine(EchoPolicy())
     server = GrpcServer(engine, "127.0.0.1", 0, tls_cert=cert, tls_key=key, api_key="tok")
     with running(engine, [server]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 
 import numpy as np
@@ -31,6 +32,7 @@ import grpc  # noqa: E402
 from policylink.backends.lerobot import load_from_request  # noqa: E402
 from policylink.server.engine import Engine  # noqa: E402
 from policylink.server.lerobot_compat import LeRobotCompatServer  # noqa: E402
+from policylink.types import Policy  # noqa: E402
 
 MOTORS = [f"joint{i}.pos" for i in range(6)]
 
@@ -224,3 +226,52 @@ def test_lerobots_robot_client_runs_against_our_server(compat_server, act_dir, m
     controller.join(10)
     assert len(robot.sent) >= 20, "the robot did not get 20 actions within 60 s"
     assert all(set(action) == set(MOTORS) and np.isfinite(list(action.values())).all() for action in robot.sent)
+
+
+class _Held(Policy):
+    """A real LeRobot policy whose calls wait for ``gate`` while ``hold`` is set: keeps the model busy on demand."""
+
+    thread_safe = False
+    hold, gate, started = threading.Event(), threading.Event(), threading.Event()
+
+    def __init__(self, inner: Policy) -> None:
+        self.inner = inner
+
+    metadata = property(lambda self: self.inner.metadata)
+
+    def infer(self, obs):
+        if self.hold.is_set():
+            self.started.set()
+            assert self.gate.wait(30)
+        return self.inner.infer(obs)
+
+
+def test_a_full_queue_is_resource_exhausted_with_its_kind(act_dir):
+    """The compat port reports a busy server as gRPC reports it (not as a bad request)."""
+    from policylink import PolicyClient
+    from policylink.server.engine import BatchOptions
+    from policylink.server.websocket import WebSocketServer
+
+    engine = Engine(loader=lambda request: _Held(load_from_request(request)), batching=BatchOptions(max_batch=1, max_queue=1))
+    ws, compat = WebSocketServer(engine, "127.0.0.1", 0), LeRobotCompatServer(engine, "127.0.0.1", 0, obs_timeout_s=5.0)
+    with running(engine, [ws, compat]):
+        holder = PolicyClient(f"ws://127.0.0.1:{ws.port}", timeout=60)
+        holder.configure(str(act_dir), device="cpu")
+        _Held.hold.set()
+        busy = threading.Thread(target=holder.infer, args=({"observation.state": np.zeros(6, np.float32), "observation.images.front": np.zeros((48, 64, 3), np.uint8)},))
+        busy.start()
+        client = LeRobotClient(compat.port, (48, 64, 3))
+        try:
+            assert _Held.started.wait(30)
+            client.start(str(act_dir))
+            client.send(_raw_observation(7, (48, 64, 3)), timestep=0)
+            with pytest.raises(grpc.RpcError) as info:
+                client.actions()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(info.value.trailing_metadata())["policylink-error-kind"] == "busy"
+            assert "server busy" in info.value.details()
+        finally:
+            _Held.gate.set()
+            busy.join(30)
+            client.close()
+            holder.close()

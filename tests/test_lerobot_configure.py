@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import shutil
 import threading
 import time
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.lerobot
 
 import torch  # noqa: E402
 
+from conftest import POLICYLINK, free_port, wait_healthy  # noqa: E402
 from lerobot_checkpoints import act_dir, diffusion_dir  # noqa: E402,F401
 from policylink import PolicyClient  # noqa: E402
 from policylink.backends.lerobot import load_from_request  # noqa: E402
@@ -213,23 +215,48 @@ class Model:
 
 
 def test_cache_builds_once_for_concurrent_requests():
+    import sys
+
+    def waiting_in_acquire(thread: threading.Thread) -> bool:
+        """Whether ``thread`` is blocked in a ``threading`` wait (a future's, an event's) called from ModelCache.acquire."""
+        frame = sys._current_frames().get(thread.ident)
+        if frame is None or frame.f_code.co_name != "wait" or not frame.f_code.co_filename.endswith("threading.py"):
+            return False
+        while frame is not None:
+            if frame.f_code.co_name == "acquire" and frame.f_code.co_filename.endswith("server/models.py"):
+                return True
+            frame = frame.f_back
+        return False
+
     cache = ModelCache(max_models=2)
-    started = threading.Event()
-    builds: list[str] = []
+    started, release = threading.Event(), threading.Event()
+    builds: list[threading.Thread] = []
 
     def build():
-        builds.append("x")
+        builds.append(threading.current_thread())
         started.set()
-        time.sleep(0.2)  # a slow load: the other thread must wait for it, not load again
+        assert release.wait(10), "the test never let the load finish"  # a slow load, until the others wait for it
         return Model("x")
 
     got: list = []
     threads = [threading.Thread(target=lambda: got.append(cache.acquire("x", build))) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
-    assert builds == ["x"] and len(got) == 3 and all(model is got[0] for model in got)
+    try:
+        for thread in threads:
+            thread.start()
+        assert started.wait(10), "no thread started the load"
+        # The two others are inside acquire, blocked on the load in progress (not loading again,
+        # not yet returned); a cache without the shared load would build in each of them.
+        others = [thread for thread in threads if thread is not builds[0]]
+        deadline = time.monotonic() + 10
+        while not all(waiting_in_acquire(thread) for thread in others):
+            assert time.monotonic() < deadline and len(builds) == 1, f"the other requests do not wait for the load (builds: {len(builds)})"
+            time.sleep(0.01)
+        assert len(builds) == 1 and got == []  # waiting for the first load, not loading, not answered yet
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(10)
+    assert len(builds) == 1 and len(got) == 3 and all(model is got[0] for model in got)
     assert (cache.loads, cache.hits) == (1, 2)
 
 
@@ -278,3 +305,22 @@ def test_loading_a_new_model_evicts_and_frees_an_idle_one(serve, act_dir, diffus
             time.sleep(0.05)
     assert act_policy.model is None, "the evicted model's weights must be released"
     assert server.engine.models.evictions == 1 and server.engine.models.loads == 2
+
+
+def test_serve_policy_path_model_is_in_the_cache(act_dir):
+    """A client configuring the checkpoint `serve --policy.path` already serves shares it: no second copy."""
+    checkpoint = act_dir
+    port = free_port()
+    process = subprocess.Popen([*POLICYLINK, "serve", "--host", "127.0.0.1", "--port", str(port), "--policy.path", str(checkpoint), "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(port, process)
+        with PolicyClient(f"ws://127.0.0.1:{port}", timeout=60) as client:
+            metadata = client.configure(str(checkpoint), device="cpu")
+            assert metadata.policy_type == "act"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+            health = json.loads(response.read())
+        assert (health["models_loaded"], health["model_cache_hits"], health["models_cached"]) == (0, 1, 1)
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)

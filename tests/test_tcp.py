@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 from conftest import EchoPolicy
-from protocol_servers import running
+from protocol_servers import read_frame, running
 
 from policylink.client.tcp import TcpClient
 from policylink.codec import packb, unpackb
@@ -43,25 +43,16 @@ def test_msgpack_round_trip_and_commands(tcp_server):
 
 def _raw(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    _read_frame(sock)  # metadata
+    read_frame(sock)  # metadata
     return sock
 
 
-def _read_frame(sock: socket.socket) -> object:
-    header = b""
-    while len(header) < 4:
-        header += sock.recv(4 - len(header))
-    (length,) = struct.unpack(">I", header)
-    data = b""
-    while len(data) < length:
-        data += sock.recv(length - len(data))
-    return unpackb(data)
 
 
 def test_oversized_frame_gets_a_clear_error_and_others_are_served(tcp_server):
     sock = _raw(tcp_server.port)
     sock.sendall(struct.pack(">I", 50 << 20))
-    assert _read_frame(sock) == {"error": f"frame of {50 << 20} bytes exceeds the {1 << 20}-byte limit"}
+    assert read_frame(sock) == {"error": f"frame of {50 << 20} bytes exceeds the {1 << 20}-byte limit", "kind": "too_large"}
     assert sock.recv(1) == b""  # closed: the stream cannot be resynchronised
     sock.close()
     with TcpClient("127.0.0.1", tcp_server.port) as client:
@@ -72,7 +63,7 @@ def test_truncated_length_prefix_gets_a_clear_error(tcp_server):
     sock = _raw(tcp_server.port)
     sock.sendall(b"\x00\x01")
     sock.shutdown(socket.SHUT_WR)
-    assert _read_frame(sock) == {"error": "connection ended inside a length prefix (2 of 4 bytes)"}
+    assert read_frame(sock) == {"error": "connection ended inside a length prefix (2 of 4 bytes)", "kind": "bad_request"}
     sock.close()
     with TcpClient("127.0.0.1", tcp_server.port) as client:
         assert client.request({"tag": 3.0})["actions"][0, 0] == 3.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -14,6 +13,8 @@ import pytest
 from websockets.sync.client import connect
 
 from conftest import EchoPolicy, free_port
+from websockets.exceptions import ConnectionClosed
+
 from policylink import (
     ConnectionFailed,
     InferenceTimeout,
@@ -21,6 +22,7 @@ from policylink import (
     ProtocolError,
     ServerError,
 )
+from policylink.errors import RequestTooLarge, Unauthorized
 from policylink.codec import packb, unpackb
 from policylink.policies import ConstantPolicy, ReplayPolicy
 from policylink.server.background import BackgroundServer
@@ -81,7 +83,8 @@ def test_per_client_sessions_and_reset(serve):
 
 
 def test_slow_inference_of_one_client_does_not_stall_another(serve):
-    server = serve(EchoPolicy())
+    policy = EchoPolicy()
+    server = serve(policy)
     finished: list[str] = []
 
     def slow() -> None:
@@ -92,7 +95,7 @@ def test_slow_inference_of_one_client_does_not_stall_another(serve):
     thread = threading.Thread(target=slow)
     with PolicyClient(server.url) as fast:
         thread.start()
-        time.sleep(0.2)  # let the slow request reach the server
+        policy.wait_started(1)  # the slow request is running on the server
         for i in range(10):
             np.testing.assert_array_equal(fast.infer({"tag": float(i)})[0], np.full(6, i, np.float32))
             finished.append("fast")
@@ -142,10 +145,20 @@ def test_policy_error_raises_server_error_with_message(serve):
 def test_oversized_message_is_refused_clearly_and_server_lives(serve):
     server = serve(EchoPolicy(), max_message_bytes=1 << 20)
     with PolicyClient(server.url, max_message_bytes=8 << 20) as big, PolicyClient(server.url) as other:
-        with pytest.raises(ProtocolError, match="too big"):
+        # The server announces its limit: our client refuses before sending, naming both sizes.
+        assert big.server_metadata["max_message_bytes"] == 1 << 20
+        with pytest.raises(RequestTooLarge, match="the server accepts at most 1048576"):
             big.infer({"img": np.zeros((2 << 20,), np.uint8)})
+        assert big.infer({"tag": 6.0})[0, 0] == 6.0  # nothing was sent: the connection goes on
+    # A client that sends anyway (openpi's does not check) is refused by the server as too big.
+    with connect(server.url, max_size=None) as ws:
+        ws.recv(timeout=5)
+        ws.send(packb({"img": np.zeros((2 << 20,), np.uint8)}))
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=5)
+        assert info.value.rcvd.code == 1009
+    with PolicyClient(server.url) as other:
         assert other.infer({"tag": 4.0})[0, 0] == 4.0
-        assert big.infer({"tag": 6.0})[0, 0] == 6.0  # reconnects and goes on
 
 
 def test_client_refuses_to_send_over_its_own_limit(serve):
@@ -213,8 +226,10 @@ def test_client_reconnects_after_server_restart():
 
 def test_api_key_is_checked(serve):
     server = serve(EchoPolicy(), api_key="s3cret")
-    with pytest.raises(ConnectionFailed, match="401"):
+    with pytest.raises(Unauthorized, match="401"):
         PolicyClient(server.url, connect_timeout=2)
+    with pytest.raises(Unauthorized, match="401"):
+        PolicyClient(server.url, api_key="s3cret-but-longer", connect_timeout=2)
     with PolicyClient(server.url, api_key="s3cret") as client:
         assert client.infer({"tag": 1.0})[0, 0] == 1.0
 

@@ -35,7 +35,10 @@ from ..errors import RequestError
 from ..types import Feature, Observation, Policy, PolicyMetadata, Reply
 from .obsmap import ENV_STATE, STATE, ObservationSpec, map_observation, parse_rename_map
 
-__all__ = ["LeRobotPolicy", "load_policy", "load_from_request", "resolve_checkpoint", "resolve_device", "DTYPES"]
+__all__ = [
+    "LeRobotPolicy", "load_policy", "load_from_request", "resolve_checkpoint", "resolve_device",
+    "estimate_checkpoint_bytes", "import_runtime", "DTYPES",
+]
 
 logger = logging.getLogger("policylink.server")
 
@@ -152,6 +155,25 @@ def load_from_request(request: Mapping[str, Any]) -> LeRobotPolicy:
         path, device=request.get("device") or "auto", dtype=request.get("dtype"),
         rename_map=request.get("rename_map"), fps=float(fps) if fps is not None else None,
     )
+
+
+def import_runtime() -> None:
+    """Import torch and LeRobot's loading code now (a server calls this at start-up, not in a request)."""
+    import torch  # noqa: F401
+    from lerobot.configs.policies import PreTrainedConfig  # noqa: F401
+    from lerobot.policies.factory import get_policy_class, make_pre_post_processors  # noqa: F401
+
+
+def estimate_checkpoint_bytes(request: Mapping[str, Any]) -> int:
+    """Memory a configure request's checkpoint will take, from its weight files (0 when unknown).
+
+    The model cache evicts idle models *before* loading so that this much fits its budget.
+    """
+    try:
+        directory = resolve_checkpoint(str(request.get("policy_path") or ""))
+    except RequestError:
+        return 0  # the load itself will say what is wrong
+    return sum(path.stat().st_size for path in directory.glob("*.safetensors"))
 
 
 def _load_parts(directory: Path, device: str) -> tuple[Any, Any, Any, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import numpy as np
@@ -21,14 +22,15 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="number of requests (default: 1)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each reply (default: 30)")
     parser.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to wait for the server to come up (default: 30)")
-    parser.add_argument("--api-key", default=None, help="API key the server requires")
+    parser.add_argument("--api-key", default=os.environ.get("POLICYLINK_API_KEY"), help="API key the server requires (default: $POLICYLINK_API_KEY)")
+    parser.add_argument("--ca-file", default=None, metavar="PEM", help="wss:// or grpcs://: the CA certificate that signed the server's (default: the system's roots)")
     parser.add_argument("--task", default=None, help="language instruction to send as 'task'")
     parser.add_argument("--policy.path", dest="policy_path", default=None, help="ask an idle server to load this checkpoint first")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with PolicyClient(args.server, api_key=args.api_key, timeout=args.timeout, connect_timeout=args.connect_timeout) as client:
+    with PolicyClient(args.server, api_key=args.api_key, timeout=args.timeout, connect_timeout=args.connect_timeout, ca_file=args.ca_file) as client:
         metadata = client.configure(args.policy_path) if args.policy_path else client.metadata
         if metadata is None:
             raise RuntimeError(f"server at {args.server} is idle; pass --policy.path to load a model")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -40,7 +41,8 @@ def add_parser(subparsers: Any) -> None:
         description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--server", default=None, help="policy server URL, ws://host:port (default: start a local server with --policy.type)")
-    parser.add_argument("--api-key", default=None, help="API key the server requires")
+    parser.add_argument("--api-key", default=os.environ.get("POLICYLINK_API_KEY"), help="API key the server requires (default: $POLICYLINK_API_KEY)")
+    parser.add_argument("--ca-file", default=None, metavar="PEM", help="wss:// or grpcs://: the CA certificate that signed the server's (default: the system's roots)")
     env = parser.add_argument_group("environment")
     env.add_argument("--env", dest="env", default="fake", choices=["fake", "replay", "robot"], help="environment (default: fake)")
     env.add_argument("--env.layout", dest="env_layout", default="single", choices=["single", "bimanual"], help="fake: single arm (6-d) or bimanual (12-d) (default: single)")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from ..client import PolicyClient
     from ..runtime.stats import format_summary
 
-    with make_env(args) as env, _server(args, env) as url, PolicyClient(url, api_key=args.api_key) as client:
+    with make_env(args) as env, _server(args, env) as url, PolicyClient(url, api_key=args.api_key, ca_file=args.ca_file) as client:
         metadata = client.metadata
         if metadata is None:
             raise ValueError(f"the server at {url} has no model loaded; start it with a policy or use 'policylink infer --configure'")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from typing import Any
 
 from ..policies.builtin import BUILTIN_POLICIES, make_builtin_policy
+from ..server.auth import API_KEY_ENV
+from ..server.connections import DEFAULT_MAX_CONNECTIONS
 from ..types import Policy
 
 logger = logging.getLogger("policylink.server")
@@ -21,7 +24,11 @@ all on the same model.
 Choose the policy with --policy.path (a LeRobot checkpoint directory; needs
 the [server] extra) or --policy.type (a built-in policy, no checkpoint). With
 neither, the server starts idle and each client chooses the model with a
-configure request.
+configure request (limit which checkpoints with --model-root).
+
+Security: --api-key-file (or $POLICYLINK_API_KEY) locks every port with one
+key; --tls-cert/--tls-key make the WebSocket port wss:// and the gRPC port
+grpcs://. See docs/protocol.md and docs/protocols.md.
 """
 
 
@@ -30,9 +37,20 @@ def add_parser(subparsers: Any) -> None:
     add_policy_flags(parser)
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     parser.add_argument("--ws-port", "--port", dest="port", type=int, default=8000, help="WebSocket port (default: 8000; --port is an alias)")
-    parser.add_argument("--api-key", default=None, help="require this key from clients (WebSocket header 'Authorization: Api-Key KEY'; gRPC metadata 'authorization: Bearer KEY' on every call)")
+    security = parser.add_argument_group("security (docs/protocol.md)")
+    security.add_argument("--api-key-file", default=None, metavar="PATH", help=f"require the key in this file from clients on every port (or set ${API_KEY_ENV})")
+    security.add_argument("--api-key", default=None, help="the key itself; visible to every local user in the process list, prefer --api-key-file")
+    security.add_argument("--tls-cert", default=None, help="PEM certificate; with --tls-key the WebSocket port speaks wss:// and the gRPC port grpcs://")
+    security.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    security.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                          help="configure requests may load checkpoints only under this folder (repeatable); others get 'not allowed'")
     add_protocol_flags(parser)
-    parser.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted, in MiB (default: 64)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-message-mb", type=float, default=64.0, help="largest request accepted on every protocol, in MiB (default: 64)")
+    limits.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, metavar="N",
+                        help=f"WebSocket + TCP connections at once; more are refused as busy (default: {DEFAULT_MAX_CONNECTIONS})")
+    limits.add_argument("--read-timeout", type=float, default=10.0, metavar="S", help="TCP: close a connection silent this long inside a frame (default: 10)")
+    limits.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="TCP: close a connection silent this long between requests (default: 300)")
     parser.add_argument("--metrics-port", type=int, default=None, help="also serve Prometheus metrics on this port (they are always at /metrics on the WebSocket port)")
     parser.add_argument("--max-models", type=int, metavar="N", default=2, help="models kept loaded for configure requests; least recently used evicted (default: 2)")
     parser.add_argument("--model-memory-gb", type=float, metavar="GB", default=None, help="also evict when cached models' weights exceed this many GiB (default: no limit)")
@@ -47,8 +65,6 @@ def add_protocol_flags(parser: argparse.ArgumentParser) -> None:
     """gRPC, TCP and LeRobot-compat listeners beside the WebSocket one (see docs/protocols.md)."""
     group = parser.add_argument_group("more protocols on the same model (docs/protocols.md)")
     group.add_argument("--grpc-port", type=int, default=None, help="also serve the typed gRPC protocol on this port (needs the [grpc] extra)")
-    group.add_argument("--tls-cert", default=None, help="gRPC: PEM certificate; with --tls-key the gRPC port speaks TLS (grpcs://)")
-    group.add_argument("--tls-key", default=None, help="gRPC: PEM private key for --tls-cert")
     group.add_argument("--tcp-port", type=int, default=None, help="also serve length-prefixed TCP (4-byte big-endian length + msgpack) on this port")
     group.add_argument("--lerobot-compat-port", "--lerobot-compat", dest="lerobot_compat_port", type=int, default=None, metavar="PORT",
                        help="also serve LeRobot 0.4.4's async-inference gRPC service on this port; needs --trust-pickle")
@@ -64,8 +80,6 @@ def check_protocol_flags(args: argparse.Namespace) -> None:
     """Refuse unsafe or incomplete protocol flags before any model is loaded."""
     if args.lerobot_compat_port is not None and not args.trust_pickle:
         raise ValueError("--lerobot-compat-port needs --trust-pickle: LeRobot's protocol sends pickles, which can run code on this server")
-    if (args.tls_cert or args.tls_key) and args.grpc_port is None:
-        raise ValueError("--tls-cert/--tls-key secure the gRPC port: add --grpc-port")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
 
@@ -87,11 +101,14 @@ def protocol_servers(args: argparse.Namespace, engine: Any) -> list[Any]:
             from ..server.grpc_server import GrpcServer
         except ImportError as exc:
             raise ValueError(f"--grpc-port needs the grpc extra: pip install 'policylink[grpc]' ({exc})") from None
-        servers.append(GrpcServer(engine, args.host, args.grpc_port, api_key=args.api_key, tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=max_bytes))
+        servers.append(GrpcServer(engine, args.host, args.grpc_port, tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=max_bytes))
     if args.tcp_port is not None:
         from ..server.tcp import TcpServer
 
-        servers.append(TcpServer(engine, args.host, args.tcp_port, max_frame_bytes=max_bytes, trust_pickle=args.trust_pickle, pickle_records=args.pickle_class))
+        servers.append(TcpServer(
+            engine, args.host, args.tcp_port, max_frame_bytes=max_bytes, trust_pickle=args.trust_pickle, pickle_records=args.pickle_class,
+            read_timeout_s=args.read_timeout, idle_timeout_s=args.idle_timeout,
+        ))
     if args.lerobot_compat_port is not None:
         try:
             from ..server.lerobot_compat import LeRobotCompatServer
@@ -190,6 +207,41 @@ def model_loader() -> Any:
         return None
 
 
+def loader_options() -> dict[str, Any]:
+    """Engine options that come with the LeRobot loader (none without the [server] extra).
+
+    Importing torch and LeRobot here, at start-up, keeps the first configure
+    request from importing them while other clients are being served.
+    """
+    try:
+        backend = _lerobot_backend()
+    except ImportError:
+        return {}
+    backend.import_runtime()
+    return {"loader": backend.load_from_request, "resolve_device": backend.resolve_device, "estimate_bytes": backend.estimate_checkpoint_bytes}
+
+
+def engine_from_args(args: argparse.Namespace, policy: Policy | None) -> Any:
+    """The engine the serve flags describe (call :func:`check_protocol_flags` first)."""
+    from ..server.auth import resolve_api_key
+    from ..server.engine import Engine
+
+    if args.api_key is not None:
+        print(f"policylink: WARNING: --api-key on the command line is visible to every local user; prefer --api-key-file or ${API_KEY_ENV}", flush=True)
+    for root in args.model_root:
+        if not os.path.isdir(root):
+            raise ValueError(f"--model-root {root!r} is not a directory")
+    budget = int(args.model_memory_gb * 2**30) if args.model_memory_gb else None
+    request = {"policy_path": args.policy_path, "device": args.device, "dtype": args.dtype, "rename_map": args.policy_rename_map} if args.policy_path else None
+    if args.max_connections < 1:
+        raise ValueError("--max-connections must be at least 1")
+    return Engine(
+        policy, max_models=args.max_models, memory_budget_bytes=budget, batching=batch_options_from_args(args),
+        policy_request=request, model_roots=args.model_root, api_key=resolve_api_key(args.api_key, args.api_key_file),
+        max_connections=args.max_connections, **loader_options(),
+    )
+
+
 def _lerobot_backend() -> Any:
     try:
         from ..backends import lerobot as backend
@@ -200,14 +252,12 @@ def _lerobot_backend() -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from ..server.app import run_servers
-    from ..server.engine import Engine
     from ..server.websocket import WebSocketServer
 
     check_protocol_flags(args)
     policy = policy_from_args(args)
-    budget = int(args.model_memory_gb * 2**30) if args.model_memory_gb else None
-    engine = Engine(policy, loader=model_loader(), max_models=args.max_models, memory_budget_bytes=budget, batching=batch_options_from_args(args))
-    ws = WebSocketServer(engine, args.host, args.port, api_key=args.api_key, max_message_bytes=max_message_bytes(args))
+    engine = engine_from_args(args, policy)
+    ws = WebSocketServer(engine, args.host, args.port, max_message_bytes=max_message_bytes(args), tls_cert=args.tls_cert, tls_key=args.tls_key)
     if getattr(args, "metrics_port", None) is not None:
         engine.metrics.serve(args.metrics_port, args.host)
         print(f"policylink: Prometheus metrics on http://{args.host}:{args.metrics_port}/metrics", flush=True)
@@ -216,7 +266,9 @@ def run(args: argparse.Namespace) -> int:
 
     def announce() -> None:
         what = f"policy {policy.metadata.model_id}" if policy else "no model (idle: clients send a configure request)"
-        print(f"policylink: serving {what} on ws://{args.host}:{ws.port} (health: http://{args.host}:{ws.port}/healthz); Ctrl+C to stop", flush=True)
+        health = f"{'https' if ws.tls else 'http'}://{args.host}:{ws.port}/healthz"
+        locked = "; every port needs the API key" if engine.auth.required else ""
+        print(f"policylink: serving {what} on {ws.scheme}://{args.host}:{ws.port} (health: {health}){locked}; Ctrl+C to stop", flush=True)
         if extra:
             print("policylink: also serving " + ", ".join(describe_server(server) for server in extra), flush=True)
 

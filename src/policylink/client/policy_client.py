@@ -9,11 +9,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-import websockets
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES
-from ..errors import ConnectionFailed, PolicyLinkError, ProtocolError
+from ..errors import ConnectionFailed, InferenceTimeout, ModelNotLoaded, ProtocolError
 from ..types import Observation, PolicyMetadata
+from .transport import ConnectionLost, Transport
 from .websocket import WebSocketTransport
 
 __all__ = ["PolicyClient", "ActionChunk"]
@@ -70,14 +70,27 @@ class PolicyClient:
     >>> chunk.shape                                           # doctest: +SKIP
     (16, 6)
 
-    ``timeout`` bounds each request (seconds); ``connect_timeout`` bounds
-    waiting for a server that is not up yet, or that restarts: the client
-    reconnects and sends the request again once. A request that times out
-    raises :class:`~policylink.errors.InferenceTimeout`, and its late reply is
-    thrown away when it arrives.
+    ``timeout`` bounds each request (seconds), reconnecting included: a call
+    returns or raises within about its timeout, even while the server is
+    down. ``connect_timeout`` bounds waiting for the server when the client
+    is created. When the connection drops (server restart, network blip,
+    expired session) the next call reconnects, re-sends the client's last
+    configure request (checkpoint, device, dtype, task), and sends the
+    request again once. A request that times out raises
+    :class:`~policylink.errors.InferenceTimeout`; its late reply is thrown
+    away when it arrives, and a policylink server drops the work.
 
-    ``grpc://host:port`` (or ``grpcs://`` for TLS, with ``ca_file`` naming the
-    CA's PEM file) talks the typed gRPC protocol instead; it needs the
+    Errors are typed by what the server reports, not by message text:
+    :class:`~policylink.errors.ServerBusy`, :class:`~policylink.errors.RequestError`,
+    :class:`~policylink.errors.RequestTooLarge`, :class:`~policylink.errors.ModelNotLoaded`,
+    :class:`~policylink.errors.Unauthorized`, :class:`~policylink.errors.NotAllowed`,
+    :class:`~policylink.errors.ServerError` (a failing policy), and
+    :class:`~policylink.errors.ConnectionFailed` /
+    :class:`~policylink.errors.CertificateError` when the server cannot be reached.
+
+    ``wss://`` and ``grpcs://`` speak TLS; ``ca_file`` names the PEM file of
+    the CA that signed the server's certificate (default: the system's
+    roots). ``grpc://host:port`` talks the typed gRPC protocol; it needs the
     ``[grpc]`` extra and behaves the same.
     """
 
@@ -94,9 +107,10 @@ class PolicyClient:
         scheme = urlparse(url).scheme
         self.url = url
         self.timeout = timeout
-        self._transport: Any
+        self.connect_timeout = connect_timeout
+        self._transport: Transport
         if scheme in ("ws", "wss"):
-            self._transport = WebSocketTransport(url, api_key, connect_timeout, max_message_bytes)
+            self._transport = WebSocketTransport(url, api_key, connect_timeout, max_message_bytes, ca_file=ca_file)
         elif scheme in ("grpc", "grpcs"):
             try:  # grpc comes with the [grpc] extra only
                 from .grpc import GrpcTransport
@@ -104,18 +118,23 @@ class PolicyClient:
                 raise ImportError(f"{scheme}:// URLs need the grpc extra: pip install 'policylink[grpc]' ({exc})") from None
             self._transport = GrpcTransport(url, api_key, connect_timeout, max_message_bytes, ca_file=ca_file)
         else:
-            raise ValueError(f"unsupported server URL {url!r}: expected ws://host:port or grpc://host:port")
+            raise ValueError(f"unsupported server URL {url!r}: expected ws://, wss://, grpc:// or grpcs://host:port")
+        #: How many times the client reconnected after losing the server.
         self.reconnects = 0
+        #: The last configure request, re-sent after every reconnect.
+        self._configure_request: dict[str, Any] | None = None
+        self._configured = True
+        self._ever_connected = False
         if connect:
-            self._transport.connect()
+            self._connect(self.connect_timeout)
 
     # -- metadata ---------------------------------------------------------
 
     @property
     def server_metadata(self) -> dict[str, Any]:
-        """The raw metadata frame the server sent on connect."""
+        """The raw metadata frame of the current connection (connecting first if needed)."""
         if not self._transport.connected:
-            self._transport.connect()
+            self._ensure_session(time.monotonic() + self.connect_timeout)
         return self._transport.metadata_frame
 
     def get_server_metadata(self) -> dict[str, Any]:
@@ -149,32 +168,61 @@ class PolicyClient:
         self._request({_COMMAND_KEY: "reset"}, None)
 
     def configure(self, policy_path: str, *, device: str | None = None, dtype: str | None = None, task: str | None = None, **options: Any) -> PolicyMetadata:
-        """Ask an (idle) server to load ``policy_path`` and serve it to this client."""
+        """Ask the server to load ``policy_path`` and serve it to this client.
+
+        The request is remembered and re-sent after any reconnect, so the
+        client keeps its model across server restarts.
+        """
         request = {_COMMAND_KEY: "configure", "policy_path": str(policy_path), **options}
         request.update({key: value for key, value in (("device", device), ("dtype", dtype), ("task", task)) if value is not None})
         reply = self._request(request, max(self.timeout, 600.0))
-        self._transport.metadata_frame = {key: value for key, value in reply.items() if key != "ok"}
+        self._configure_request, self._configured = request, True
         return PolicyMetadata.from_dict(reply)
 
     def _request(self, message: dict[str, Any], timeout: float | None) -> Any:
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            return self._transport.request(message, timeout)
-        except PolicyLinkError:
-            raise  # timeouts and server errors are not connection losses
-        except (websockets.ConnectionClosed, OSError) as exc:
-            # The server went away (restart, network blip): reconnect, send once more.
-            logger.warning("lost the connection to %s (%s); reconnecting", self.url, exc)
-            self._transport.close()
-            self._transport.connect()
+        """Send ``message`` within ``timeout``: reconnect (and re-configure) once if the connection dropped."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        configure = message.get(_COMMAND_KEY) == "configure"
+        for attempt in (1, 2):
+            try:
+                if not configure:
+                    self._ensure_session(deadline)
+                elif not self._transport.connected:
+                    self._connect(_remaining(deadline))
+                reply = self._transport.request(message, _remaining(deadline))
+            except ConnectionLost as exc:
+                self._transport.close()
+                if attempt == 2:
+                    raise ConnectionFailed(f"connection to {self.url} lost again after reconnecting: {exc}") from None
+                logger.warning("lost the connection to %s (%s); reconnecting", self.url, exc)
+                continue
+            except ModelNotLoaded:
+                # The server forgot this client's model (its session expired): configure again, once.
+                if attempt == 2 or configure or self._configure_request is None:
+                    raise
+                self._configured = False
+                continue
+            if configure and isinstance(reply, dict):
+                self._transport.metadata_frame = {key: value for key, value in reply.items() if key != "ok"}
+            return reply
+        raise AssertionError("unreachable")
+
+    def _ensure_session(self, deadline: float) -> None:
+        """Connected, and configured as the user last asked, before ``deadline``."""
+        if not self._transport.connected:
+            self._connect(_remaining(deadline))
+        if not self._configured and self._configure_request is not None:
+            logger.info("re-sending configure (%s) to %s", self._configure_request["policy_path"], self.url)
+            reply = self._transport.request(self._configure_request, _remaining(deadline))
+            self._transport.metadata_frame = {key: value for key, value in reply.items() if key != "ok"}
+            self._configured = True
+
+    def _connect(self, timeout: float) -> None:
+        self._transport.connect(timeout)
+        if self._ever_connected:
             self.reconnects += 1
-        try:
-            return self._transport.request(message, timeout)
-        except PolicyLinkError:
-            raise
-        except (websockets.ConnectionClosed, OSError) as exc:
-            self._transport.close()
-            raise ConnectionFailed(f"connection to {self.url} lost again after reconnecting: {exc}") from None
+        self._ever_connected = True
+        self._configured = self._configure_request is None
 
     def close(self) -> None:
         self._transport.close()
@@ -184,3 +232,11 @@ class PolicyClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left before ``deadline``; :class:`InferenceTimeout` when none are."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise InferenceTimeout("the request's time ran out while reconnecting")
+    return remaining

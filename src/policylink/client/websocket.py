@@ -3,26 +3,52 @@
 Synchronous on purpose: a robot control loop calls ``infer`` and waits, and
 the background machinery (pings, reading frames) lives in the websockets
 library's own thread.
+
+The transport offers the ``policylink.v1`` subprotocol. A policylink server
+accepts it and then sends errors as JSON with their kind, and honours the
+``__timeout_ms__`` the transport adds to each observation (it drops a
+request whose client has given up). An openpi server ignores the offer; the
+transport then speaks plain openpi: errors are text, no extra keys are sent.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+import ssl
 import time
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import websockets
 from websockets.sync.client import ClientConnection, connect
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
-from ..errors import ConnectionFailed, InferenceTimeout, ProtocolError, ServerBusy, ServerError
+from ..errors import (
+    CertificateError,
+    ConnectionFailed,
+    InferenceTimeout,
+    ProtocolError,
+    RequestTooLarge,
+    ServerBusy,
+    ServerError,
+    Unauthorized,
+    error_for_kind,
+)
+from .transport import ConnectionLost, check_request_size, client_tls_context
 
-__all__ = ["WebSocketTransport"]
+__all__ = ["WebSocketTransport", "SUBPROTOCOL"]
 
 logger = logging.getLogger("policylink.client")
 
+#: Offered on connect; a policylink server selects it.
+SUBPROTOCOL = "policylink.v1"
+_COMMAND_KEY = "__command__"
+_TIMEOUT_KEY = "__timeout_ms__"
 _MESSAGE_TOO_BIG = 1009
+_TRY_AGAIN_LATER = 1013
 # websockets >= 17 wants connect() in a ``with`` block unless ``legacy=True``;
 # older releases have no such flag. The connection outlives any one block here.
 _CONNECT_OPTIONS = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
@@ -34,7 +60,8 @@ class WebSocketTransport:
     Replies come back in request order. When a request times out its reply
     is still owed; the transport counts such owed replies and throws them
     away when they arrive, so a late chunk is never returned for a newer
-    request.
+    request. ``wss://`` URLs verify the server against ``ca_file`` (PEM) or
+    the system's roots.
     """
 
     def __init__(
@@ -43,14 +70,18 @@ class WebSocketTransport:
         api_key: str | None = None,
         connect_timeout: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        ca_file: str | Path | None = None,
     ) -> None:
         self.url = url
         self.api_key = api_key
         self.connect_timeout = connect_timeout
         self.max_message_bytes = max_message_bytes
+        self.tls = client_tls_context(ca_file) if urlparse(url).scheme == "wss" else None
         self._ws: ClientConnection | None = None
         self._packer = Packer()
         self._owed_replies = 0
+        self._policylink = False
         self.metadata_frame: dict[str, Any] = {}
 
     # -- connection -------------------------------------------------------
@@ -59,39 +90,57 @@ class WebSocketTransport:
     def connected(self) -> bool:
         return self._ws is not None
 
-    def connect(self) -> dict[str, Any]:
-        """Connect (waiting for a server that is not up yet); returns the metadata frame."""
-        deadline = time.monotonic() + self.connect_timeout
-        delay, attempt = 0.1, 0
+    def connect(self, timeout: float | None = None) -> dict[str, Any]:
+        """Connect, waiting up to ``timeout`` s (default ``connect_timeout``) for the server; returns the metadata frame."""
+        timeout = self.connect_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        delay, attempt = 0.05, 0
         while True:
             attempt += 1
             try:
-                return self._connect_once(max(0.1, deadline - time.monotonic()))
+                return self._connect_once(max(0.05, deadline - time.monotonic()))
             except websockets.InvalidStatus as exc:
-                raise ConnectionFailed(f"server at {self.url} refused the connection: HTTP {exc.response.status_code} {exc.response.body.decode(errors='replace').strip()}") from None
+                status, body = exc.response.status_code, exc.response.body.decode(errors="replace").strip()
+                if status == 401:
+                    raise Unauthorized(f"server at {self.url} refused the connection: HTTP 401 {body}") from None
+                raise ConnectionFailed(f"server at {self.url} refused the connection: HTTP {status} {body}") from None
+            except ssl.SSLCertVerificationError as exc:
+                raise self._certificate_error(exc) from None
+            except ssl.SSLError as exc:
+                raise ConnectionFailed(f"TLS handshake with {self.url} failed: {exc.reason or exc} (does the server speak TLS?)") from None
             except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.ConnectionClosed) as exc:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise ConnectionFailed(f"no policy server at {self.url} after {self.connect_timeout:.0f} s ({attempt} attempts): {exc}") from None
+                    raise ConnectionFailed(f"no policy server at {self.url} after {timeout:.3g} s ({attempt} attempts): {exc}") from None
                 if attempt == 1 or attempt % 10 == 0:
                     logger.info("waiting for policy server at %s (attempt %d, %s)", self.url, attempt, exc)
                 time.sleep(min(delay, remaining))
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
+
+    def _certificate_error(self, exc: ssl.SSLCertVerificationError) -> CertificateError:
+        return CertificateError(f"TLS certificate of {self.url} not trusted: {exc.verify_message or exc.reason}; pass ca_file= with the CA that signed it")
 
     def _connect_once(self, timeout: float) -> dict[str, Any]:
         headers = {"Authorization": f"Api-Key {self.api_key}"} if self.api_key else None
         ws = connect(
             self.url,
             additional_headers=headers,
+            subprotocols=[SUBPROTOCOL],
+            ssl=self.tls,
             compression=None,
             max_size=self.max_message_bytes,
             open_timeout=timeout,
             ping_interval=20,
-            ping_timeout=60,
+            ping_timeout=20,
             **_CONNECT_OPTIONS,
         )
         try:
             frame = ws.recv(timeout=timeout)
+        except websockets.ConnectionClosed as exc:
+            ws.close()
+            if exc.rcvd is not None and exc.rcvd.code == _TRY_AGAIN_LATER:
+                raise ServerBusy(exc.rcvd.reason or f"server at {self.url} is at its connection limit") from None
+            raise
         except BaseException:
             ws.close()
             raise
@@ -99,6 +148,7 @@ class WebSocketTransport:
             ws.close()
             raise ProtocolError(f"expected a metadata frame from {self.url}, got text: {frame[:200]}")
         self._ws, self._owed_replies = ws, 0
+        self._policylink = ws.subprotocol == SUBPROTOCOL
         self.metadata_frame = unpackb(frame)
         logger.info("connected to policy server at %s", self.url)
         return self.metadata_frame
@@ -113,16 +163,17 @@ class WebSocketTransport:
     def request(self, message: dict[str, Any], timeout: float) -> Any:
         """Send ``message`` and return the decoded reply to it.
 
-        Raises :class:`InferenceTimeout`, :class:`ServerError` (the server's
-        error text), :class:`ProtocolError`, or ``websockets.ConnectionClosed``
-        when the connection dropped (the caller decides whether to reconnect).
+        Raises :class:`InferenceTimeout`, the :class:`ServerError` subclass
+        of the server's error kind, :class:`ProtocolError`, or
+        :class:`ConnectionLost` when the connection dropped.
         """
         if self._ws is None:
             self.connect()
         assert self._ws is not None
+        if self._policylink and _COMMAND_KEY not in message:
+            message = {**message, _TIMEOUT_KEY: round(timeout * 1e3, 3)}
         payload = self._packer.pack(message)
-        if len(payload) > self.max_message_bytes:
-            raise ProtocolError(f"message is {len(payload)} bytes, over the {self.max_message_bytes}-byte limit")
+        check_request_size(len(payload), self.max_message_bytes, self.metadata_frame)
         deadline = time.monotonic() + timeout
         try:
             self._ws.send(payload)
@@ -136,8 +187,11 @@ class WebSocketTransport:
         except websockets.ConnectionClosed as exc:
             self._ws = None
             if exc.rcvd is not None and exc.rcvd.code == _MESSAGE_TOO_BIG:
-                raise ProtocolError(f"server refused the message as too big ({len(payload)} bytes): {exc.rcvd.reason}") from None
-            raise
+                raise RequestTooLarge(f"server refused the message as too big ({len(payload)} bytes): {exc.rcvd.reason}") from None
+            raise ConnectionLost(f"connection to {self.url} closed: {exc}") from None
+        except OSError as exc:
+            self._ws = None
+            raise ConnectionLost(f"connection to {self.url} lost: {exc}") from None
 
     def _receive(self, deadline: float, timeout: float) -> str | bytes:
         assert self._ws is not None
@@ -148,10 +202,14 @@ class WebSocketTransport:
             self._owed_replies += 1
             raise InferenceTimeout(f"no reply from {self.url} within {timeout:.3g} s") from None
 
-    @staticmethod
-    def _decode(frame: str | bytes) -> Any:
-        if isinstance(frame, str):
-            if frame.startswith("server busy"):
-                raise ServerBusy(frame)
-            raise ServerError(frame)
-        return unpackb(frame)
+    def _decode(self, frame: str | bytes) -> Any:
+        if isinstance(frame, bytes):
+            return unpackb(frame)
+        if self._policylink:
+            try:
+                error = json.loads(frame)
+                kind, message = error.get("kind"), str(error["message"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ServerError(frame) from None  # not the structured form after all: the text is the message
+            raise error_for_kind(kind, message)
+        raise ServerError(frame)

@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from .connections import install_log_limits, raise_fd_limit
 from .engine import Engine
 
 __all__ = ["ProtocolServer", "ServesInBlock", "run_servers"]
@@ -46,8 +47,16 @@ async def run_servers(
     on_ready: Callable[[], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Start ``servers``, wait for SIGINT/SIGTERM (or ``stop``), then shut down cleanly."""
+    """Start ``servers``, wait for SIGINT/SIGTERM (or ``stop``), then shut down cleanly.
+
+    Before listening it lifts the file-descriptor limit (and lowers the
+    engine's connection limit to what it leaves room for) and rate-limits the
+    server's and asyncio's log records, so a flood of connections or bad
+    requests cannot fill the disk with identical lines.
+    """
     stop = stop or asyncio.Event()
+    engine.connections.limit = raise_fd_limit(engine.connections.limit, len(servers))
+    install_log_limits()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -66,7 +75,7 @@ async def run_servers(
     finally:
         for server in reversed(started):
             await server.close()
-        engine.close()
+        await engine.aclose()
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.remove_signal_handler(signum)

@@ -7,75 +7,121 @@ The schema is ``proto/policylink/proto/v1/policylink.proto``. A client
 2. names that session in the ``policylink-session`` header of every later
    call (``Configure``, ``Infer``, ``Stream``, ``Reset``, ``Close``).
 
-A ``Stream`` call without a session header gets a session of its own for the
-duration of the stream; an observation it refuses is answered with a chunk
-carrying only ``error`` (and its ``step``), and the stream goes on. Sessions left idle for ``session_idle_s`` are closed.
+Session ids are unguessable and bound to the connection that opened them: a
+call naming a session from another connection is refused like an unknown
+session (``NOT_FOUND``). Sessions left idle for ``session_idle_s`` are
+closed by a timer. A ``Stream`` call without a session header gets a
+session of its own for the duration of the stream; an observation it
+refuses is answered with a chunk carrying only ``error``, ``error_kind``
+(and its ``step``), and the stream goes on.
 
-With an ``api_key`` every call must carry ``authorization: Bearer KEY``
-(``UNAUTHENTICATED`` otherwise). Errors map to status codes: bad input
-``INVALID_ARGUMENT``, a full queue ``RESOURCE_EXHAUSTED``, an unknown
-session ``NOT_FOUND``, a failing policy ``INTERNAL`` ("inference failed:
-..."), a request that is not valid protobuf ``INVALID_ARGUMENT`` ("request is
-not a valid policylink.v1.Observation protobuf message"). The server keeps
-serving every other call.
+Handlers receive the raw request bytes: decoding (bounded, see
+:mod:`policylink.proto.wire_limits`) happens on the engine's decode threads,
+not on the event loop. A refused call ends with the status code of its
+:class:`~policylink.errors.ErrorKind` and the kind itself in the
+``policylink-error-kind`` trailer: bad input ``INVALID_ARGUMENT``, a full
+queue ``RESOURCE_EXHAUSTED``, no model ``FAILED_PRECONDITION``, a path outside
+``--model-root`` ``PERMISSION_DENIED``, a missing key ``UNAUTHENTICATED``, a
+passed deadline ``DEADLINE_EXCEEDED``, a failing policy ``INTERNAL``. The
+server keeps serving every other call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import message_factory
-from google.protobuf.message import DecodeError
 from grpc import aio
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES
-from ..errors import ProtocolError, RequestError, ServerBusy
+from ..errors import ErrorKind
 from ..proto import convert
 from ..proto.v1 import policylink_pb2 as pb
 from ..proto.v1 import policylink_pb2_grpc as pb_grpc  # noqa: F401  (the generated stub, for clients)
 from .app import ServesInBlock
-from .engine import ClientSession, Engine
+from .engine import ClientSession, Engine, Failure, Request
 
-__all__ = ["GrpcServer", "SESSION_HEADER"]
+__all__ = [
+    "GrpcServer", "SESSION_HEADER", "ERROR_KIND_TRAILER", "STATUS_OF_KIND",
+    "grpc_server_options", "abort", "call_headers", "checked_headers", "expire_periodically",
+]
 
 logger = logging.getLogger("policylink.server")
 
 #: Call metadata key naming the client's session.
 SESSION_HEADER = "policylink-session"
+#: Trailing metadata key carrying the error kind of a refused call.
+ERROR_KIND_TRAILER = "policylink-error-kind"
+
+STATUS_OF_KIND: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.BUSY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAUTHORIZED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.NOT_LOADED: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.NOT_ALLOWED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorKind.EXPIRED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
 
 
-class _Malformed:
-    """Stands in for a request that did not parse; the handler answers ``INVALID_ARGUMENT``."""
-
-    def __init__(self, type_name: str, error: Exception) -> None:
-        self.message = f"request is not a valid {type_name} protobuf message ({error})"
-
-
-def _lenient(message_class: Any) -> Any:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_class.FromString(data)
-        except DecodeError as exc:
-            return _Malformed(message_class.DESCRIPTOR.full_name, exc)
-
-    return parse
+def grpc_server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel options of every gRPC port: message limits, and bounds on idle or half-open connections."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.server_handshake_timeout_ms", 10_000),  # a half-sent handshake is dropped after 10 s
+        ("grpc.max_connection_idle_ms", 600_000),  # a connection without calls for 10 min is closed
+    ]
 
 
-async def _check_parsed(request: Any, context: aio.ServicerContext) -> None:
-    if isinstance(request, _Malformed):
-        logger.warning("%s: %s", context.peer(), request.message)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+async def abort(context: aio.ServicerContext, failure: Failure) -> None:
+    """End the call with the status code and trailer of ``failure``'s kind."""
+    kind = ErrorKind(failure.kind)
+    await context.abort(STATUS_OF_KIND[kind], failure.message, trailing_metadata=((ERROR_KIND_TRAILER, kind.value),))
 
 
-class GrpcServer(ServesInBlock, pb_grpc.PolicyServiceServicer):
+def call_headers(context: aio.ServicerContext) -> dict[str, str]:
+    return {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
+
+
+async def checked_headers(engine: Engine, context: aio.ServicerContext, protocol: str) -> dict[str, str]:
+    """The call's headers once its API key is checked; ends the call as ``UNAUTHENTICATED`` otherwise."""
+    headers = call_headers(context)
+    if not engine.auth.accepts_header(headers.get("authorization")):
+        engine.metrics.request_failed(protocol, ErrorKind.UNAUTHORIZED)
+        await abort(context, Failure(ErrorKind.UNAUTHORIZED, "missing or wrong API key (send 'authorization: Bearer KEY')"))
+    return headers
+
+
+async def expire_periodically(expire: Callable[[], int], idle_s: float) -> None:
+    """Call ``expire`` a few times per ``idle_s`` (at most every 30 s), until cancelled."""
+    period = max(0.05, min(30.0, idle_s / 4))
+    while True:
+        await asyncio.sleep(period)
+        expire()
+
+
+class _GrpcSession:
+    """An engine session, the connection that opened it, and when it was last used."""
+
+    def __init__(self, session: ClientSession, peer: str) -> None:
+        self.session = session
+        self.peer = peer
+        self.last_used = time.monotonic()
+
+
+class GrpcServer(ServesInBlock):
     """Serves an :class:`Engine` over gRPC (``grpc.aio``).
 
-    ``tls_cert`` / ``tls_key`` (PEM files) switch the port to TLS.
+    ``tls_cert`` / ``tls_key`` (PEM files) switch the port to TLS. The API
+    key is the engine's (``api_key`` here is a shortcut that sets it).
     """
 
     def __init__(
@@ -93,26 +139,26 @@ class GrpcServer(ServesInBlock, pb_grpc.PolicyServiceServicer):
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         self.engine = engine
+        if api_key is not None:
+            from .auth import ApiKey
+
+            engine.auth = ApiKey(api_key)
         self.host = host
         self.port = port
-        self.api_key = api_key
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self.max_message_bytes = max_message_bytes
         self.session_idle_s = session_idle_s
-        self._sessions: dict[str, tuple[ClientSession, float]] = {}
+        self._sessions: dict[str, _GrpcSession] = {}
         self._server: aio.Server | None = None
+        self._expiry: asyncio.Task | None = None
 
     @property
     def scheme(self) -> str:
         return "grpcs" if self.tls_cert else "grpc"
 
     async def start(self) -> None:
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-        ]
-        self._server = aio.server(options=options)
+        self._server = aio.server(options=grpc_server_options(self.max_message_bytes), maximum_concurrent_rpcs=self.engine.connections.limit)
         self._server.add_generic_rpc_handlers((self._handlers(),))
         address = f"{self.host}:{self.port}"
         if self.tls_cert is not None and self.tls_key is not None:
@@ -123,155 +169,159 @@ class GrpcServer(ServesInBlock, pb_grpc.PolicyServiceServicer):
         if self.port == 0:
             raise OSError(f"gRPC server could not bind {address}")
         await self._server.start()
+        self._expiry = asyncio.ensure_future(expire_periodically(self.expire_idle, self.session_idle_s))
         logger.info("gRPC server listening on %s://%s:%d", self.scheme, self.host, self.port)
 
     async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
-        for session, _ in list(self._sessions.values()):
-            self.engine.close_session(session)
+        for entry in list(self._sessions.values()):
+            self.engine.close_session(entry.session)
         self._sessions.clear()
 
     def _handlers(self) -> grpc.GenericRpcHandler:
-        """The service's handlers, with request parsing that reports malformed protobuf clearly.
-
-        (The generated registration lets a parse failure surface as
-        ``UNKNOWN: Unexpected DecodeError``; here it is ``INVALID_ARGUMENT``
-        naming the expected message type.)
-        """
+        """Raw-bytes handlers: the engine decodes requests off the event loop, with bounds."""
         handlers = {}
         for method in pb.DESCRIPTOR.services_by_name["PolicyService"].methods:
             kind = {
                 (False, False): grpc.unary_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler,
             }[(method.client_streaming, method.server_streaming)]
-            handlers[method.name] = kind(
-                getattr(self, method.name),
-                request_deserializer=_lenient(message_factory.GetMessageClass(method.input_type)),
-                response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
-            )
+            handlers[method.name] = kind(getattr(self, method.name), request_deserializer=None, response_serializer=None)
         return grpc.method_handlers_generic_handler("policylink.v1.PolicyService", handlers)
 
     # -- sessions and auth ------------------------------------------------
 
     async def _authorize(self, context: aio.ServicerContext) -> dict[str, str]:
-        headers = {key: value for key, value in (context.invocation_metadata() or ()) if isinstance(value, str)}
-        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key (send 'authorization: Bearer KEY')")
-        return headers
+        return await checked_headers(self.engine, context, "grpc")
 
-    async def _session(self, context: aio.ServicerContext, request: Any = None) -> ClientSession:
-        await _check_parsed(request, context)
+    async def _session(self, context: aio.ServicerContext) -> ClientSession:
         headers = await self._authorize(context)
         session_id = headers.get(SESSION_HEADER)
         if not session_id:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"no '{SESSION_HEADER}' header: call GetMetadata first to open a session")
         entry = self._sessions.get(session_id)
-        if entry is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {session_id!r} (closed, expired, or the server restarted); call GetMetadata again")
-        self._sessions[session_id] = (entry[0], time.monotonic())
-        return entry[0]
+        if entry is None or entry.peer != context.peer():
+            # A session of another connection is refused exactly like an unknown one: ids do not leak.
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown session (closed, expired, or the server restarted); call GetMetadata again")
+        entry.last_used = time.monotonic()
+        return entry.session
 
-    def _open(self, context: aio.ServicerContext) -> ClientSession:
-        self._expire_idle()
-        session = self.engine.open_session(context.peer())
-        self._sessions[session.client_id] = (session, time.monotonic())
-        return session
+    def _open(self, context: aio.ServicerContext) -> tuple[str, ClientSession]:
+        session_id = secrets.token_urlsafe(24)
+        session = self.engine.open_session(context.peer(), "grpc", self.max_message_bytes)
+        self._sessions[session_id] = _GrpcSession(session, context.peer())
+        return session_id, session
 
-    def _expire_idle(self) -> None:
+    def _drop(self, session_id: str) -> None:
+        entry = self._sessions.pop(session_id, None)
+        if entry is not None:
+            self.engine.close_session(entry.session)
+
+    def expire_idle(self) -> int:
+        """Close sessions unused for ``session_idle_s``; returns how many."""
         cutoff = time.monotonic() - self.session_idle_s
-        for session_id, (session, last_used) in list(self._sessions.items()):
-            if last_used < cutoff:
-                logger.info("%s: closing idle gRPC session", session_id)
-                del self._sessions[session_id]
-                self.engine.close_session(session)
+        idle = [session_id for session_id, entry in self._sessions.items() if entry.last_used < cutoff]
+        for session_id in idle:
+            logger.info("%s: closing idle gRPC session", self._sessions[session_id].session.client_id)
+            self._drop(session_id)
+        return len(idle)
 
-    async def _run(self, context: aio.ServicerContext, session: ClientSession, work: Any) -> Any:
-        """Await ``work``; turn failures into gRPC status codes that name the problem."""
-        try:
-            return await work
-        except Exception as exc:
-            code, message = self._refusal(session, exc)
-        await context.abort(code, message)
+    # -- one call through the engine --------------------------------------
 
-    def _refusal(self, session: ClientSession, exc: Exception) -> tuple[grpc.StatusCode, str]:
-        """Count and log a failed request; the status code and message that tell the client why."""
-        if isinstance(exc, ServerBusy):
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        elif isinstance(exc, (RequestError, ProtocolError)):
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        else:  # a broken policy must not take the server down
-            logger.error("%s: inference failed", session.client_id, exc_info=exc)
-            code, message = grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}"
-        self.engine.metrics.request_failed("grpc", exc)
-        session.errors += 1
-        logger.warning("%s: request refused: %s", session.client_id, message)
-        return code, message
+    async def _call(self, context: aio.ServicerContext, session: ClientSession, payload: bytes, decode: Callable[[bytes], Request], encode: Callable[[dict], bytes]) -> bytes:
+        remaining = context.time_remaining()
+        deadline = time.perf_counter() + remaining if remaining is not None else None
+        outcome = await self.engine.handle(session, payload, decode, encode, deadline=deadline)
+        if outcome.failure is not None:
+            await abort(context, outcome.failure)
+        return outcome.body
 
     # -- the service ------------------------------------------------------
 
-    async def GetMetadata(self, request: pb.MetadataRequest, context: aio.ServicerContext) -> pb.Metadata:  # noqa: N802
-        await _check_parsed(request, context)
+    async def GetMetadata(self, request: bytes, context: aio.ServicerContext) -> bytes:  # noqa: N802
         headers = await self._authorize(context)
-        if headers.get(SESSION_HEADER):
+        session_id = headers.get(SESSION_HEADER)
+        if session_id:
             session = await self._session(context)
         else:
-            session = self._open(context)
-        return convert.frame_to_metadata(self.engine.metadata_frame(session), session.client_id)
+            session_id, session = self._open(context)
+        return convert.frame_to_metadata(self.engine.metadata_frame(session), session_id).SerializeToString()
 
-    async def Configure(self, request: pb.ConfigureRequest, context: aio.ServicerContext) -> pb.Metadata:  # noqa: N802
-        session = await self._session(context, request)
-        options: dict[str, Any] = {"policy_path": request.policy_path}
-        options.update({key: value for key, value in (("device", request.device), ("dtype", request.dtype), ("task", request.prompt)) if value})
-        if request.rename_map:
-            options["rename_map"] = dict(request.rename_map)
-        if request.fps:
-            options["fps"] = request.fps
-        await self._run(context, session, self.engine.configure(session, options))
-        return convert.frame_to_metadata(self.engine.metadata_frame(session), session.client_id)
+    async def Configure(self, request: bytes, context: aio.ServicerContext) -> bytes:  # noqa: N802
+        session = await self._session(context)
+        session_id = call_headers(context)[SESSION_HEADER]
+        return await self._call(context, session, request, _decode_configure, lambda reply: convert.frame_to_metadata(reply, session_id).SerializeToString())
 
-    async def Infer(self, request: pb.Observation, context: aio.ServicerContext) -> pb.ActionChunk:  # noqa: N802
-        session = await self._session(context, request)
-        return await self._run(context, session, self._infer(session, request))
+    async def Infer(self, request: bytes, context: aio.ServicerContext) -> bytes:  # noqa: N802
+        session = await self._session(context)
+        decode, encode = _observation_codec()
+        return await self._call(context, session, request, decode, encode)
 
-    async def _infer(self, session: ClientSession, request: pb.Observation) -> pb.ActionChunk:
-        started = time.perf_counter()
-        obs = convert.proto_to_observation(request)
-        decode_ms = (time.perf_counter() - started) * 1e3
-        reply = await self.engine.infer(session, obs)
-        reply["server_timing"]["decode_ms"] = round(decode_ms, 3)
-        self.engine.record_total(session, (time.perf_counter() - started) * 1e3)
-        self.engine.metrics.request_done("grpc", reply, time.perf_counter() - started)
-        return convert.chunk_to_proto(reply, request.step)
-
-    async def Stream(self, request_iterator: AsyncIterator[pb.Observation], context: aio.ServicerContext) -> AsyncIterator[pb.ActionChunk]:  # noqa: N802
+    async def Stream(self, request_iterator: AsyncIterator[bytes], context: aio.ServicerContext) -> AsyncIterator[bytes]:  # noqa: N802
         headers = await self._authorize(context)
         own = not headers.get(SESSION_HEADER)
-        session = self._open(context) if own else await self._session(context)
+        session_id, session = self._open(context) if own else (headers[SESSION_HEADER], await self._session(context))
         try:
             async for request in request_iterator:
                 # Each chunk carries the step of the observation it answers; a refused
                 # observation gets a chunk with only ``error`` set, and the stream goes on.
-                if isinstance(request, _Malformed):
-                    yield pb.ActionChunk(error=request.message)
-                    continue
-                try:
-                    yield await self._infer(session, request)
-                except Exception as exc:
-                    yield pb.ActionChunk(step=request.step, error=self._refusal(session, exc)[1])
+                decode, encode = _observation_codec()
+                outcome = await self.engine.handle(session, request, decode, encode)
+                if outcome.failure is None:
+                    yield outcome.body
+                else:
+                    kind = ErrorKind(outcome.failure.kind).value
+                    yield pb.ActionChunk(step=decode.step, error=outcome.failure.message, error_kind=kind).SerializeToString()
         finally:
             if own:
-                self._sessions.pop(session.client_id, None)
-                self.engine.close_session(session)
+                self._drop(session_id)
 
-    async def Reset(self, request: pb.ResetRequest, context: aio.ServicerContext) -> pb.ResetReply:  # noqa: N802
-        session = await self._session(context, request)
-        await self._run(context, session, self.engine.reset(session))
-        return pb.ResetReply()
+    async def Reset(self, request: bytes, context: aio.ServicerContext) -> bytes:  # noqa: N802
+        session = await self._session(context)
+        return await self._call(context, session, request, _decode_empty("reset", pb.ResetRequest), lambda reply: pb.ResetReply().SerializeToString())
 
-    async def Close(self, request: pb.CloseRequest, context: aio.ServicerContext) -> pb.CloseReply:  # noqa: N802
-        session = await self._session(context, request)
-        self._sessions.pop(session.client_id, None)
-        self.engine.close_session(session)
-        return pb.CloseReply()
+    async def Close(self, request: bytes, context: aio.ServicerContext) -> bytes:  # noqa: N802
+        await self._session(context)
+        self._drop(call_headers(context)[SESSION_HEADER])
+        return pb.CloseReply().SerializeToString()
+
+
+class _ObservationDecoder:
+    """Decodes an ``Observation`` and remembers its step for the reply."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def __call__(self, payload: bytes) -> Request:
+        message = convert.observation_message(payload)
+        self.step = message.step
+        return Request(convert.proto_to_observation(message))
+
+
+def _observation_codec() -> tuple[_ObservationDecoder, Callable[[dict], bytes]]:
+    decode = _ObservationDecoder()
+    return decode, lambda reply: convert.chunk_to_proto(reply, decode.step).SerializeToString()
+
+
+def _decode_configure(payload: bytes) -> Request:
+    message = convert.parse_message(payload, pb.ConfigureRequest)
+    fields: dict[str, Any] = {"policy_path": message.policy_path}
+    fields.update({key: value for key, value in (("device", message.device), ("dtype", message.dtype), ("task", message.prompt)) if value})
+    if message.rename_map:
+        fields["rename_map"] = dict(message.rename_map)
+    if message.fps:
+        fields["fps"] = message.fps
+    return Request(fields, "configure")
+
+
+def _decode_empty(command: str, message_class: Any) -> Callable[[bytes], Request]:
+    def decode(payload: bytes) -> Request:
+        convert.parse_message(payload, message_class)
+        return Request({}, command)
+
+    return decode
+

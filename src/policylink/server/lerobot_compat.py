@@ -17,8 +17,12 @@ drive this server unchanged:
   within ``obs_timeout_s``).
 
 The protocol carries pickles, which let a client run code on the server.
-Every payload goes through :mod:`.safe_pickle`; still, serve this only to
-trusted clients (the CLI binds 127.0.0.1 unless told otherwise).
+Every payload goes through :mod:`.safe_pickle` (bounded, on the engine's
+decode threads); still, serve this only to trusted clients (the CLI binds
+127.0.0.1 unless told otherwise). With an API key every call must carry
+``authorization: Bearer KEY`` (LeRobot's client can add it with a gRPC
+interceptor; see docs/protocols.md). Refusals use the gRPC adapter's status
+codes and ``policylink-error-kind`` trailer.
 """
 
 from __future__ import annotations
@@ -29,20 +33,21 @@ import logging
 import pickle
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
-import grpc
 import numpy as np
+import torch
 from grpc import aio
 from lerobot.async_inference.helpers import RemotePolicyConfig, TimedAction, TimedObservation
 from lerobot.datasets.utils import build_dataset_frame
 from lerobot.transport import services_pb2, services_pb2_grpc
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES
-from ..errors import ProtocolError, RequestError, ServerBusy
+from ..errors import ProtocolError, RequestError, RequestTooLarge
 from . import safe_pickle
 from .app import ServesInBlock
-from .engine import ClientSession, Engine
+from .engine import ClientSession, Engine, Request
+from .grpc_server import abort, checked_headers, expire_periodically, grpc_server_options
 
 __all__ = ["LeRobotCompatServer"]
 
@@ -84,18 +89,22 @@ class LeRobotCompatServer(ServesInBlock, services_pb2_grpc.AsyncInferenceService
         self.client_idle_s = client_idle_s
         self._clients: dict[str, _Client] = {}
         self._server: aio.Server | None = None
+        self._expiry: asyncio.Task | None = None
 
     async def start(self) -> None:
-        options = [("grpc.max_receive_message_length", self.max_message_bytes), ("grpc.max_send_message_length", self.max_message_bytes)]
-        self._server = aio.server(options=options)
+        safe_pickle.prepare()  # every module a pickle may name is imported now, not inside a request
+        self._server = aio.server(options=grpc_server_options(self.max_message_bytes), maximum_concurrent_rpcs=self.engine.connections.limit)
         services_pb2_grpc.add_AsyncInferenceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         if self.port == 0:
             raise OSError(f"LeRobot-compat server could not bind {self.host}")
         await self._server.start()
+        self._expiry = asyncio.ensure_future(expire_periodically(self.expire_idle, self.client_idle_s))
         logger.warning("LeRobot async-inference server on %s:%d: it unpickles client payloads (restricted unpickler); serve trusted clients only", self.host, self.port)
 
     async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._server is not None:
             await self._server.stop(grace=1.0)
             self._server = None
@@ -105,46 +114,40 @@ class LeRobotCompatServer(ServesInBlock, services_pb2_grpc.AsyncInferenceService
 
     # -- clients ----------------------------------------------------------
 
-    def _client(self, context: aio.ServicerContext) -> _Client:
+    async def _client(self, context: aio.ServicerContext) -> _Client:
+        await checked_headers(self.engine, context, "lerobot")
         peer = context.peer()
         client = self._clients.get(peer)
         if client is None:
-            client = self._clients[peer] = _Client(self.engine.open_session(peer))
+            client = self._clients[peer] = _Client(self.engine.open_session(peer, "lerobot", self.max_message_bytes))
         client.last_used = time.monotonic()
         return client
 
-    def _expire_idle(self) -> None:
+    def expire_idle(self) -> int:
+        """Forget clients unused for ``client_idle_s``; returns how many."""
         cutoff = time.monotonic() - self.client_idle_s
-        for peer, client in list(self._clients.items()):
-            if client.last_used < cutoff:
-                del self._clients[peer]
-                self.engine.close_session(client.session)
+        idle = [peer for peer, client in self._clients.items() if client.last_used < cutoff]
+        for peer in idle:
+            self.engine.close_session(self._clients.pop(peer).session)
+        return len(idle)
 
-    async def _refuse(self, context: aio.ServicerContext, client: _Client, exc: BaseException) -> None:
-        client.session.errors += 1
-        self.engine.metrics.request_failed("lerobot", exc)
-        if isinstance(exc, (RequestError, ProtocolError, ServerBusy)):
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        else:
-            logger.exception("%s: inference failed", client.session.client_id)
-            code, message = grpc.StatusCode.INTERNAL, f"inference failed: {type(exc).__name__}: {exc}"
-        logger.warning("%s: request refused: %s", client.session.client_id, message)
-        await context.abort(code, message)
+    async def _refuse(self, context: aio.ServicerContext, client: _Client, exc: BaseException) -> NoReturn:
+        await abort(context, self.engine.refuse(client.session, exc))
+        raise AssertionError("unreachable: abort raises")
 
     # -- the service ------------------------------------------------------
 
     async def Ready(self, request: Any, context: aio.ServicerContext) -> Any:  # noqa: N802
-        self._expire_idle()
         previous = self._clients.pop(context.peer(), None)
         if previous is not None:
             self.engine.close_session(previous.session)
-        logger.info("%s: LeRobot client ready", self._client(context).session.client_id)
+        logger.info("%s: LeRobot client ready", (await self._client(context)).session.client_id)
         return services_pb2.Empty()
 
     async def SendPolicyInstructions(self, request: Any, context: aio.ServicerContext) -> Any:  # noqa: N802
-        client = self._client(context)
+        client = await self._client(context)
         try:
-            config = safe_pickle.loads(request.data, check=_expect(RemotePolicyConfig))
+            config = await self.engine.decode(self._unpickler(RemotePolicyConfig), request.data)
             metadata = await self.engine.configure(client.session, _configure_request(config))
         except Exception as exc:
             await self._refuse(context, client, exc)
@@ -156,16 +159,24 @@ class LeRobotCompatServer(ServesInBlock, services_pb2_grpc.AsyncInferenceService
         return services_pb2.Empty()
 
     async def SendObservations(self, request_iterator: AsyncIterator[Any], context: aio.ServicerContext) -> Any:  # noqa: N802
-        client = self._client(context)
+        client = await self._client(context)
         try:
             payload = await self._receive_chunks(request_iterator)
-            observation = safe_pickle.loads(payload, check=_expect(TimedObservation))
+            observation = await self.engine.decode(self._unpickler(TimedObservation), payload)
         except Exception as exc:
             await self._refuse(context, client, exc)
         if observation.must_go or observation.get_timestep() not in client.answered_steps:
             client.pending = observation  # only the newest observation is worth an inference
             client.arrived.set()
         return services_pb2.Empty()
+
+    def _unpickler(self, expected: type) -> Any:
+        max_bytes = self.max_message_bytes
+
+        def load(payload: bytes) -> Any:
+            return safe_pickle.loads(payload, check=_expect(expected), max_bytes=max_bytes)
+
+        return load
 
     async def _receive_chunks(self, request_iterator: AsyncIterator[Any]) -> bytes:
         """Reassemble one 2 MiB-chunked transfer (LeRobot's ``send_bytes_in_chunks``)."""
@@ -178,13 +189,13 @@ class LeRobotCompatServer(ServesInBlock, services_pb2_grpc.AsyncInferenceService
             else:
                 raise ProtocolError(f"unknown transfer state {item.transfer_state}")
             if len(buffer) > self.max_message_bytes:
-                raise ProtocolError(f"observation of more than {self.max_message_bytes} bytes refused")
+                raise RequestTooLarge(f"observation of more than {self.max_message_bytes} bytes refused")
             if item.transfer_state == services_pb2.TransferState.TRANSFER_END:
                 return bytes(buffer)
         raise ProtocolError("the observation stream ended without TRANSFER_END")
 
     async def GetActions(self, request: Any, context: aio.ServicerContext) -> Any:  # noqa: N802
-        client = self._client(context)
+        client = await self._client(context)
         if client.pending is None:
             client.arrived.clear()
             try:
@@ -194,24 +205,28 @@ class LeRobotCompatServer(ServesInBlock, services_pb2_grpc.AsyncInferenceService
         observation, client.pending = client.pending, None
         if observation is None:
             return services_pb2.Empty()
-        try:
-            actions = await self._predict(client, observation)
-        except Exception as exc:
-            await self._refuse(context, client, exc)
-        return services_pb2.Actions(data=pickle.dumps(actions))
-
-    async def _predict(self, client: _Client, observation: TimedObservation) -> list[TimedAction]:
         if client.config is None or client.session.model is None:
-            raise RequestError("no policy loaded for this client: send SendPolicyInstructions first")
-        obs = _policy_observation(observation.get_observation(), client.config.lerobot_features)
-        reply = await self.engine.infer(client.session, obs)
-        actions = np.asarray(reply["actions"])[: max(1, client.config.actions_per_chunk)]
-        client.answered_steps.add(observation.get_timestep())
-        dt = 1.0 / (client.session.model.metadata.fps or 30.0)
-        import torch
+            await self._refuse(context, client, RequestError("no policy loaded for this client: send SendPolicyInstructions first"))
+        config, fps = client.config, client.session.model.metadata.fps or 30.0
 
-        t0, i0 = observation.get_timestamp(), observation.get_timestep()
-        return [TimedAction(timestamp=t0 + i * dt, timestep=i0 + i, action=torch.from_numpy(row.copy())) for i, row in enumerate(actions)]
+        def decode(timed: TimedObservation) -> Request:
+            return Request(_policy_observation(timed.get_observation(), config.lerobot_features))
+
+        def encode(reply: dict[str, Any]) -> bytes:
+            return pickle.dumps(_timed_actions(reply["actions"], observation, config.actions_per_chunk, fps))
+
+        outcome = await self.engine.handle(client.session, observation, decode, encode)
+        if outcome.failure is not None:
+            await abort(context, outcome.failure)
+        client.answered_steps.add(observation.get_timestep())
+        return services_pb2.Actions(data=outcome.body)
+
+
+def _timed_actions(actions: Any, observation: TimedObservation, actions_per_chunk: int, fps: float) -> list[TimedAction]:
+    """The first ``actions_per_chunk`` rows as LeRobot ``TimedAction`` objects, timed from the observation."""
+    rows = np.asarray(actions)[: max(1, actions_per_chunk)]
+    t0, i0, dt = observation.get_timestamp(), observation.get_timestep(), 1.0 / fps
+    return [TimedAction(timestamp=t0 + i * dt, timestep=i0 + i, action=torch.from_numpy(row.copy())) for i, row in enumerate(rows)]
 
 
 def _expect(cls: type) -> Any:

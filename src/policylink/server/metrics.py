@@ -1,12 +1,14 @@
 """Prometheus metrics of a policy server.
 
-Every protocol adapter reports to ``engine.metrics`` (one :class:`ServerMetrics`
-per :class:`~policylink.server.engine.Engine`, each with its own registry, so
+The engine's request path reports every request of every protocol to
+``engine.metrics`` (one :class:`ServerMetrics` per
+:class:`~policylink.server.engine.Engine`, each with its own registry, so
 several servers in one process do not mix their numbers):
 
 - ``policylink_requests_total{protocol, kind}``: answered requests (``infer`` or ``command``)
-- ``policylink_errors_total{protocol, reason}``: refused or failed requests
-  (``bad_request``, ``busy``, ``internal``)
+- ``policylink_errors_total{protocol, reason}``: refused or failed requests,
+  by error kind (``bad_request``, ``too_large``, ``busy``, ``unauthorized``,
+  ``not_loaded``, ``not_allowed``, ``expired``, ``internal``)
 - ``policylink_inference_seconds``, ``policylink_queue_seconds``,
   ``policylink_request_seconds``: histograms of the model call, of the wait
   for a worker or a batch, and of the whole server-side handling
@@ -21,11 +23,13 @@ no-ops and ``/metrics`` says what to install.
 
 from __future__ import annotations
 
+import http.server
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ProtocolError, RequestError, ServerBusy
+from ..errors import ErrorKind
 
 __all__ = ["ServerMetrics", "metrics_available", "loaded_model_ids", "CONTENT_TYPE", "MISSING"]
 
@@ -50,16 +54,7 @@ def metrics_available() -> bool:
 
 def loaded_model_ids(engine: Any) -> list[str]:
     """Ids of the models the engine holds: the served one and those loaded on request."""
-    ids = []
-    if getattr(engine, "default_model", None) is not None:
-        ids.append(engine.default_model.metadata.model_id)
-    cache = getattr(engine, "models", None)
-    entries = getattr(cache, "_entries", None) or {}
-    for entry in list(entries.values()):
-        model = getattr(entry, "model", None)
-        if model is not None:
-            ids.append(model.metadata.model_id)
-    return ids
+    return engine.loaded_model_ids()
 
 
 class ServerMetrics:
@@ -93,17 +88,11 @@ class ServerMetrics:
             self.queue.observe(float(timing.get("queue_ms", 0.0)) / 1e3)
             self.total.observe(total_s)
 
-    def request_failed(self, protocol: str, error: BaseException) -> None:
-        """Count a request answered with an error."""
+    def request_failed(self, protocol: str, kind: ErrorKind) -> None:
+        """Count a request answered with an error of ``kind``."""
         if self.registry is None:
             return
-        if isinstance(error, ServerBusy):
-            reason = "busy"
-        elif isinstance(error, (RequestError, ProtocolError)):
-            reason = "bad_request"
-        else:
-            reason = "internal"
-        self.errors.labels(protocol, reason).inc()
+        self.errors.labels(protocol, ErrorKind(kind).value).inc()
 
     def render(self) -> bytes:
         """The metrics in Prometheus' text format."""
@@ -112,8 +101,35 @@ class ServerMetrics:
         return prometheus_client.generate_latest(self.registry)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> Any:
-        """Serve ``/metrics`` on a port of its own (a daemon thread); returns the HTTP server."""
+        """Serve ``/metrics`` on a port of its own (a daemon thread); returns the HTTP server.
+
+        With an API key on the engine, scrapes must send ``Authorization:
+        Bearer KEY`` (or ``Api-Key KEY``), as on every other port.
+        """
         if self.registry is None:
             raise ImportError(MISSING.strip())
-        server, _thread = prometheus_client.start_http_server(port, addr=host, registry=self.registry)
+        metrics = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.split("?")[0] != "/metrics":
+                    self._reply(404, b"not found: try /metrics\n", "text/plain")
+                elif not metrics.engine.auth.accepts_header(self.headers.get("Authorization")):
+                    self._reply(401, b"missing or wrong API key (send 'Authorization: Bearer KEY')\n", "text/plain")
+                else:
+                    self._reply(200, metrics.render(), CONTENT_TYPE)
+
+            def _reply(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # scrapes every few seconds: not worth a log line
+                pass
+
+        server = http.server.ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="policylink-metrics", daemon=True).start()
         return server
