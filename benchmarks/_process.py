@@ -25,6 +25,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def policylink_server(*flags: str, timeout: float = 120.0) -> Iterator[int]:
     """``policylink serve`` on 127.0.0.1 (free port) until the block ends; yields the port."""
+    with policylink_process(*flags, timeout=timeout) as (port, _process):
+        yield port
+
+
+@contextlib.contextmanager
+def policylink_process(*flags: str, timeout: float = 120.0) -> Iterator[tuple[int, subprocess.Popen]]:
+    """Like :func:`policylink_server`, yielding ``(port, process)`` (to read the server's memory, say)."""
     port = free_port()
     process = subprocess.Popen(
         [*POLICYLINK, "serve", "--host", "127.0.0.1", "--port", str(port), *flags],
@@ -43,7 +50,7 @@ def policylink_server(*flags: str, timeout: float = 120.0) -> Iterator[int]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        yield port
+        yield port, process
     finally:
         process.terminate()
         process.wait(30)
