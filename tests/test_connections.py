@@ -108,3 +108,21 @@ def test_running_out_of_file_descriptors_neither_locks_out_nor_floods_the_log():
     assert "Too many open files" not in output
     assert "file descriptors: limiting connections to" in output
     assert len(output.splitlines()) < 60, f"{len(output.splitlines())} log lines"
+
+
+def test_repeated_log_lines_are_rate_limited_with_a_count_of_what_was_dropped():
+    import logging
+
+    from policylink.server.connections import RateLimitedLog
+
+    limiter, passed = RateLimitedLog(burst=3, interval_s=0.2), []
+    record = lambda message: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)  # noqa: E731
+    for _ in range(1000):
+        if limiter.filter(entry := record("socket.accept() out of system resource")):
+            passed.append(entry.getMessage())
+    assert limiter.filter(record("another message"))  # other messages are not silenced
+    assert len(passed) == 3
+    time.sleep(0.25)  # the limiter's own interval, not a wait for another thread
+    entry = record("socket.accept() out of system resource")
+    assert limiter.filter(entry)
+    assert entry.getMessage() == "socket.accept() out of system resource (997 similar messages suppressed in the last 0.2 s)"

@@ -556,3 +556,13 @@ def test_decode_limits_defaults_and_validation():
         DecodeLimits(max_elements=True)
     with pytest.raises(AttributeError):
         DEFAULT_LIMITS.max_depth = 64  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("spec", [",4", "f4,f4", "(2,)f4", "[('a','<f4')]", "<f4" * 50, "not-a-dtype", b"\xff\xfe"])
+def test_dtype_strings_numpy_cannot_read_or_that_name_structures_are_bad_requests(spec):
+    with pytest.raises(ProtocolError, match="unknown dtype"):
+        codec.unpackb(_ndarray([0], b"", spec))
+    message = pb.Observation()
+    message.fields["t"].tensor.CopyFrom(pb.Tensor(dtype=spec if isinstance(spec, str) else "x", shape=[0], data=b""))
+    with pytest.raises(ProtocolError, match="unknown dtype"):
+        convert.proto_to_observation(message)

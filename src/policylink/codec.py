@@ -41,6 +41,7 @@ _NDARRAY = b"__ndarray__"
 _NPGENERIC = b"__npgeneric__"
 _REFUSED_KINDS = {"O": "object", "V": "void (structured)", "c": "complex"}
 _SCALAR_DATA_TYPES = (bool, int, float, str, bytes)
+_MAX_DTYPE_CHARS = 16
 
 
 def refuse_unsendable(value: np.ndarray | np.generic) -> None:
@@ -78,10 +79,15 @@ def checked_dtype(spec: Any, what: str) -> np.dtype:
     # openpi sends dtype.str; a list or dict would describe a structured dtype.
     if not isinstance(spec, (str, bytes)):
         raise ProtocolError(f"{what}: dtype must be a string like '<f4', got {type(spec).__name__}")
+    # A numeric dtype is a short code. Longer or comma-separated strings go through numpy's
+    # structured-dtype parser (ast.literal_eval), which fails in ways of its own (SyntaxError...).
+    text = spec.decode(errors="replace") if isinstance(spec, bytes) else spec
+    if len(text) > _MAX_DTYPE_CHARS or "," in text or "(" in text or "[" in text:
+        raise ProtocolError(f"{what}: unknown dtype {text[:_MAX_DTYPE_CHARS]!r}: send a numeric dtype like '<f4' or '|u1'")
     try:
-        dtype = np.dtype(spec)
-    except (TypeError, ValueError):
-        raise ProtocolError(f"{what}: unknown dtype {spec!r}") from None
+        dtype = np.dtype(text)
+    except Exception:  # numpy raises TypeError, ValueError, SyntaxError... for strings it cannot read
+        raise ProtocolError(f"{what}: unknown dtype {text!r}") from None
     if dtype.kind in _REFUSED_KINDS or dtype.hasobject:
         raise ProtocolError(f"{what}: refusing dtype {dtype} ({_REFUSED_KINDS.get(dtype.kind, 'object')} values are not accepted)")
     return dtype

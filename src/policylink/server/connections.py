@@ -101,7 +101,7 @@ class RateLimitedLog(logging.Filter):
     so one flood does not silence other messages.
     """
 
-    def __init__(self, burst: int = 5, interval_s: float = 10.0) -> None:
+    def __init__(self, burst: int = 20, interval_s: float = 10.0) -> None:
         super().__init__()
         self.burst = burst
         self.interval_s = interval_s
@@ -128,7 +128,7 @@ class RateLimitedLog(logging.Filter):
             return False
 
 
-def install_log_limits(burst: int = 5, interval_s: float = 10.0) -> RateLimitedLog:
+def install_log_limits(burst: int = 20, interval_s: float = 10.0) -> RateLimitedLog:
     """Rate-limit the server's and asyncio's log records (asyncio logs every failed accept)."""
     limiter = RateLimitedLog(burst, interval_s)
     for name in ("policylink.server", "asyncio", "websockets.server", "grpc._cython.cygrpc"):
