@@ -107,7 +107,9 @@ def test_running_out_of_file_descriptors_neither_locks_out_nor_floods_the_log():
         output = process.communicate(timeout=30)[0]
     assert "Too many open files" not in output
     assert "file descriptors: limiting connections to" in output
-    assert len(output.splitlines()) < 60, f"{len(output.splitlines())} log lines"
+    # 500 connections: without rate limiting each logs at least one line; with it, a burst per message, then a summary.
+    connection_lines = [line for line in output.splitlines() if "connect" in line or "refused" in line]
+    assert len(connection_lines) < 120, f"{len(connection_lines)} log lines about connections"
 
 
 def test_repeated_log_lines_are_rate_limited_with_a_count_of_what_was_dropped():
