@@ -398,7 +398,7 @@ def test_check_wire_accepts_real_messages(message_class):
     check_wire(memoryview(data), message_class.DESCRIPTOR)
     assert convert.parse_message(data, message_class) == examples[message_class]
     # An unknown field (a newer client) is skipped, not refused.
-    check_wire(data + _field(15, b"future") + b"\xa0\x01\x05", message_class.DESCRIPTOR, DEFAULT_LIMITS)
+    check_wire(data + _field(1000, b"future") + b"\xc0\x3e\x05", message_class.DESCRIPTOR, DEFAULT_LIMITS)  # field 1000 (bytes, then varint): defined nowhere
 
 
 def test_check_wire_is_fast_for_camera_observations():

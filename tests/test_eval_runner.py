@@ -136,6 +136,19 @@ def test_results_file_and_video(tmp_path, push, capsys):
     assert frames[0].shape == (680, 680, 3)
 
 
+def test_a_failed_episode_leaves_no_partial_video(serve, tmp_path):
+    """Frames stream to the file as the episode runs; an episode that fails midway leaves no video behind."""
+    from policylink.errors import ServerError
+
+    actions = np.full((32, 2), 256.0, np.float32)
+    actions[8:] = np.nan  # the second chunk fails, after 8 frames went to the encoder
+    server = serve(ReplayPolicy(actions=actions, horizon=8))
+    out = tmp_path / "run"
+    with pytest.raises(ServerError, match="non-finite"):
+        evaluate(server.url, EvalConfig(env="pusht", episodes=1, max_steps=20, videos=1, out=out))
+    assert not (out / "videos" / "episode_0000.mp4").exists()
+
+
 def test_an_action_size_mismatch_is_named(serve):
     server = serve(ReplayPolicy(action_dim=6))
     with pytest.raises(ValueError, match="outputs 6 values per action, but pusht takes 2"):

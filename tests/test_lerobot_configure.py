@@ -324,3 +324,22 @@ def test_serve_policy_path_model_is_in_the_cache(act_dir):
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+def test_served_checkpoint_announces_its_action_range_from_the_statistics(serve, act_dir):
+    """min/max of the checkpoint's action statistics (the test checkpoints: mean 5 * joint, std 10, so mean - 20 .. mean + 20)."""
+    pytest.importorskip("grpc")
+    from protocol_servers import running
+
+    from policylink.server.grpc_server import GrpcServer
+
+    server = idle_server(serve)
+    with PolicyClient(server.url) as client:
+        metadata = client.configure(str(act_dir), device="cpu")
+    expected_low = tuple(5.0 * joint - 20.0 for joint in range(6))
+    np.testing.assert_allclose(metadata.action_low, expected_low)
+    np.testing.assert_allclose(metadata.action_high, [5.0 * joint + 20.0 for joint in range(6)])
+    engine = Engine(None, loader=load_from_request)
+    rpc = GrpcServer(engine, "127.0.0.1", 0)
+    with running(engine, [rpc]), PolicyClient(f"grpc://127.0.0.1:{rpc.port}") as client:
+        np.testing.assert_allclose(client.configure(str(act_dir), device="cpu").action_low, expected_low)  # through the proto too

@@ -11,7 +11,6 @@ import http.client
 import json
 import os
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +24,7 @@ from policylink.client import PolicyClient
 from policylink.media import decode_jpeg
 from policylink.monitor import Monitor
 from policylink.policies.builtin import ReplayPolicy
-from watch_loop import PictureEnv, TinyLoop
+from watch_loop import PictureEnv, TinyLoop, chromium
 
 CAMERAS = {"front": (96, 128), "wrist": (72, 96)}
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -68,9 +67,11 @@ def read_events(url: str, count: int) -> list[tuple[str, dict[str, Any]]]:
     return events
 
 
-def post(url: str) -> tuple[int, dict[str, Any]]:
+def post(url: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    """POST as a script does: with the monitor session's token (when given), no Origin."""
+    headers = {} if token is None else {"X-Policylink-Token": token}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b"")) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b"", headers=headers)) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as exc:
         return exc.code, json.load(exc)
@@ -134,23 +135,23 @@ def test_events_stream_steps_chunks_and_frames(loop: TinyLoop, monitor: Monitor)
 
 
 def test_buttons_act_on_the_loop(loop: TinyLoop, monitor: Monitor) -> None:
-    assert post(monitor.url + "api/start")[0] == 200
+    assert post(monitor.url + "api/start", monitor.token)[0] == 200
     loop.wait_steps(10)
-    status, body = post(monitor.url + "api/reset")
+    status, body = post(monitor.url + "api/reset", monitor.token)
     assert status == 200 and body["action"] == "reset"
     loop.wait_until(lambda: loop.episode >= 1, "the reset to start episode 1", timeout=20)
 
-    status, body = post(monitor.url + "api/stop")
+    status, body = post(monitor.url + "api/stop", monitor.token)
     assert status == 200 and body["loop"]["running"] is False
     assert_stays_stopped(loop)
 
-    status, body = post(monitor.url + "api/launch")
+    status, body = post(monitor.url + "api/launch", monitor.token)
     assert status == 404 and "unknown action 'launch'" in body["error"]
 
 
 def test_monitor_without_control_refuses_buttons() -> None:
     with Monitor(port=0) as mon:
-        status, body = post(mon.url + "api/stop")
+        status, body = post(mon.url + "api/stop", mon.token)
         assert status == 503 and "no loop control" in body["error"]
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(mon.url + "frame/front.jpg")
@@ -164,19 +165,9 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver (make test installs them)")
 def test_page_in_headless_chromium(loop: TinyLoop, monitor: Monitor) -> None:
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    profile = tempfile.mkdtemp(prefix="policylink-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,900", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    # An explicit driver path: selenium downloads nothing.
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
+    with chromium() as driver:
         loop.start()
         driver.get(monitor.url)
         page = lambda script: driver.execute_script(f"return {script};")  # noqa: E731
@@ -220,7 +211,4 @@ def test_page_in_headless_chromium(loop: TinyLoop, monitor: Monitor) -> None:
         assert_stays_stopped(loop)
         assert "stop: ok" in driver.find_element(By.ID, "message").text
         driver.save_screenshot(str(ARTIFACTS / "monitor-stopped.png"))
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
     assert os.path.getsize(ARTIFACTS / "monitor.png") > 10_000

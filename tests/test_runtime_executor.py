@@ -85,7 +85,8 @@ def test_sync_stalls_once_per_chunk_and_compensation_drops_exactly_the_elapsed_a
     policy = replay_policy()
     server = serve(policy)
     latency = 3
-    executor, events = run_loop(server.url, ExecutorConfig(mode="sync", n_action_steps=8), clock=SteppedClock(30, latency))
+    # Compensation arithmetic, exactly: the resume ramp (which smooths each restart after a stall) is opted out of.
+    executor, events = run_loop(server.url, ExecutorConfig(mode="sync", n_action_steps=8, resume_max_delta=1e6), clock=SteppedClock(30, latency))
     stats = executor.stats
     assert stats.ticks == 60
     assert stats.stalls == stats.chunks - 1  # the first chunk is awaited before the episode starts
@@ -93,8 +94,8 @@ def test_sync_stalls_once_per_chunk_and_compensation_drops_exactly_the_elapsed_a
     assert stats.dropped_actions == latency * (stats.chunks - 1)
     fresh = [event for event in events.steps if event.fresh]
     assert len(fresh) == 60 - stats.stalled_ticks
-    for event in fresh:  # StepEvent.step counts steps taken, so the action index is step - 1
-        np.testing.assert_array_equal(event.action, policy.trajectory[event.step - 1])
+    for event in fresh:  # StepEvent.step is the step the action belongs to
+        np.testing.assert_array_equal(event.action, policy.trajectory[event.step])
     for event in events.steps:
         if not event.fresh:  # a held tick repeats the last command, never a stale action
             assert event.chunk_id is None
@@ -105,26 +106,28 @@ def test_sync_stalls_once_per_chunk_and_compensation_drops_exactly_the_elapsed_a
 def test_without_compensation_actions_lag_by_the_latency(serve):
     policy = replay_policy()
     server = serve(policy)
-    _, events = run_loop(server.url, ExecutorConfig(mode="sync", n_action_steps=8, compensate=False), clock=SteppedClock(30, 3))
-    lagging = [event for event in events.steps if event.fresh and event.step > 8]
+    config = ExecutorConfig(mode="sync", n_action_steps=8, compensate=False, resume_max_delta=1e6)  # exact lag: no resume ramp
+    _, events = run_loop(server.url, config, clock=SteppedClock(30, 3))
+    lagging = [event for event in events.steps if event.fresh and event.step >= 8]
     assert lagging
-    assert not any(np.array_equal(event.action, policy.trajectory[event.step - 1]) for event in lagging[:1])
+    assert not any(np.array_equal(event.action, policy.trajectory[event.step]) for event in lagging[:1])
     chunk_starts = {chunk.obs_step for chunk in events.chunks}
-    first_after = next(event for event in events.steps if event.fresh and event.step > 8)
-    assert first_after.step - 1 - 3 in chunk_starts  # the action belongs to an observation 3 steps old
-    np.testing.assert_array_equal(first_after.action, policy.trajectory[first_after.step - 1 - 3])
+    first_after = next(event for event in events.steps if event.fresh and event.step >= 8)
+    assert first_after.step - 3 in chunk_starts  # the action belongs to an observation 3 steps old
+    np.testing.assert_array_equal(first_after.action, policy.trajectory[first_after.step - 3])
 
 
 @pytest.mark.parametrize("merge", ["latest", "average", "ensemble"])
 def test_async_never_stalls_in_simulated_time(serve, merge):
     policy = replay_policy()
     server = serve(policy)
-    executor, events = run_loop(server.url, ExecutorConfig(mode="async", n_action_steps=12, merge=merge), clock=SteppedClock(30, 3))
+    config = ExecutorConfig(mode="async", n_action_steps=12, merge=merge, resume_max_delta=1e6)  # exact merges: no start ramp
+    executor, events = run_loop(server.url, config, clock=SteppedClock(30, 3))
     assert executor.stats.stalls == 0 and executor.stats.ticks == 60
     assert executor.stats.chunks > 4
     for event in events.steps:
         # Every rule merges predictions of the same trajectory step, so all agree exactly.
-        np.testing.assert_allclose(event.action, policy.trajectory[event.step - 1], atol=1e-6)
+        np.testing.assert_allclose(event.action, policy.trajectory[event.step], atol=1e-6)
 
 
 def test_stale_chunks_are_rejected_and_never_executed(serve):
@@ -162,7 +165,7 @@ def test_events_reach_listeners_in_order(serve):
     assert events.order[0] == "episode" and events.order[1] == "chunk" and events.order[-1] == "episode"
     assert events.episodes[0].started and not events.episodes[-1].started
     assert events.episodes[-1].steps == 20
-    assert [event.step for event in events.steps] == list(range(1, 21))
+    assert [event.step for event in events.steps] == list(range(20))  # step 0 is the reset observation's
     assert all(event.observation["observation.state"].shape == (6,) for event in events.steps)
     assert events.steps[-1].done
 
@@ -188,12 +191,16 @@ def test_watchdog_holds_when_the_server_dies_and_the_loop_recovers(serve):
         assert held and all(np.array_equal(event.action, held[0].action) for event in held)
         chunks_before = executor.stats.chunks
         second = BackgroundServer(replay_policy(horizon=8), host="127.0.0.1", port=port).start()
-        wait_for(lambda: executor.stats.chunks >= chunks_before + 3)
+        wait_for(lambda: executor.stats.chunks >= chunks_before + 12)  # time for the ramp to close the gap the outage left
         assert executor.status()["state"] == "running"
         recovered = [event for event in events.steps[held_from:] if event.fresh]
         assert recovered
-        for event in recovered:  # fresh actions after the outage belong to the present step
-            np.testing.assert_array_equal(event.action, policy.trajectory[(event.step - 1) % len(policy.trajectory)])
+        # After the outage the command rejoins the trajectory in bounded steps (no jump), then follows it exactly.
+        normal = np.max(np.abs(np.diff(policy.trajectory, axis=0)))
+        executed = [held[-1].action] + [event.action for event in recovered]
+        assert max(float(np.max(np.abs(b - a))) for a, b in zip(executed, executed[1:])) <= 3 * normal
+        for event in recovered[-3:]:  # caught up: the actions of the present step
+            np.testing.assert_array_equal(event.action, policy.trajectory[event.step % len(policy.trajectory)])
     finally:
         executor.close()
         client.close()
@@ -229,7 +236,7 @@ def test_action_mapping_and_ready_pose_inside_the_loop(serve):
             return client.infer({**obs, "observation.state": obs["observation.state"][:6]})
 
         executor = Executor(
-            infer, env, ExecutorConfig(mode="sync", fps=100, n_action_steps=8),
+            infer, env, ExecutorConfig(mode="sync", fps=100, n_action_steps=8, resume_max_delta=1e6),  # exact first action: no ramp
             filters=[ActionMapping(12, range(6))], ready_pose=ReadyPose(pose, steps=5), listeners=[events],
         )
         executor.run(episodes=1)

@@ -131,7 +131,11 @@ def test_executor_drives_the_arm_through_lerobot(serve, tmp_path: Path):
     env.close()
     assert len(bus.goals) == 30
     sent = np.array([[goal[name] for name in bus.motors] for goal in bus.goals])
-    np.testing.assert_allclose(sent, policy.trajectory[:30], atol=1e-6)
+    # Every command stays in the joints' ranges from LeRobot's normalisation (degrees here; the gripper 0..100).
+    low, high = env.action_bounds()
+    assert low.tolist() == [-180.0] * 5 + [0.0] and high.tolist() == [180.0] * 5 + [100.0]
+    np.testing.assert_allclose(sent, np.clip(policy.trajectory[:30], low, high), atol=1e-6)
+    assert np.any(policy.trajectory[:30, 5] < 0) and np.all(sent[:, 5] >= 0)  # the gripper's negative targets were bounded
 
 
 def test_run_flags_build_a_lerobot_follower(tmp_path: Path):

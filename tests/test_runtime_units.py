@@ -19,7 +19,7 @@ from policylink.runtime.filters import (
     VelocityLimit,
 )
 from policylink.runtime.merging import LatestOnly, TemporalEnsemble, WeightedAverage, make_merge_rule
-from policylink.runtime.stats import LatencyEstimator, LoopStats
+from policylink.runtime.stats import LatencyEstimator, LoopStats, RollingWindow, format_summary
 
 OLD = np.array([[1.0, 10.0], [1.0, 10.0], [1.0, 10.0]], np.float32)
 NEW = np.array([[3.0, 20.0], [3.0, 20.0], [3.0, 20.0], [3.0, 20.0]], np.float32)
@@ -175,6 +175,10 @@ def test_latency_estimate_forgets_a_warmup_spike():
     for _ in range(10):
         estimator.add(0.1)
     assert estimator.estimate() == pytest.approx(0.1)
+    assert estimator.estimate() == pytest.approx(0.1)  # cached: asked every tick, recomputed only after an add
+    for _ in range(10):
+        estimator.add(0.3)
+    assert estimator.estimate() == pytest.approx(0.3)
 
 
 def test_loop_stats_summary():
@@ -190,3 +194,49 @@ def test_loop_stats_summary():
     assert summary["jitter_p99_ms"] == pytest.approx(10.0, abs=0.5)
     assert summary["roundtrip_p50_ms"] == pytest.approx(20)
     assert summary["max_boundary_jump"] == pytest.approx(0.5)
+    assert summary["max_stall_ticks"] == 2 and summary["jitter_max_ms"] == pytest.approx(10.0)
+    assert "rate" in format_summary(summary) and "(last" not in format_summary(summary)
+
+
+def test_rolling_window_keeps_the_recent_samples_and_exact_totals():
+    window = RollingWindow(3)
+    assert not window and len(window) == 0 and window.percentile(50) == 0.0 and window.mean == 0.0
+    window.extend([5.0, 1.0, 2.0, 3.0, 4.0])
+    assert list(window) == [2.0, 3.0, 4.0] and len(window) == 3 and window[-1] == 4.0 and window[0] == 2.0
+    assert window.count == 5 and window.total == 15.0 and window.mean == 3.0
+    assert window.minimum == 1.0 and window.maximum == 5.0  # whole run, though both left the window
+    assert window.percentile(50) == 3.0  # the window only
+    window.append(10.0)
+    np.testing.assert_array_equal(window.values(), [3.0, 4.0, 10.0])
+    with pytest.raises(ValueError):
+        RollingWindow(0)
+
+
+def test_loop_stats_percentiles_cover_the_window_and_totals_the_whole_run():
+    stats = LoopStats(fps=10, tick_window=100, roundtrip_window=10, jump_window=10)
+    for tick in range(1000):
+        # The first 500 intervals are 20 ms late, the rest on time; one stall of 3 ticks early on.
+        stats.tick(tick * 0.1 + (0.02 * tick if tick < 500 else 0.02 * 499), 5 <= tick < 8)
+    stats.roundtrips_ms.extend([500.0] + [10.0] * 50)
+    stats.boundary_jumps.extend([0.9] + [0.1] * 50)
+    summary = stats.summary()
+    assert summary["ticks"] == 1000 and summary["tick_intervals"] == 999 and summary["jitter_window"] == 100
+    assert summary["jitter_p99_ms"] == pytest.approx(0.0, abs=1e-6)  # the recent window is on time
+    assert summary["jitter_max_ms"] == pytest.approx(20.0)  # the whole run's worst interval
+    assert stats.achieved_fps == pytest.approx(999 / (999 * 0.1 + 0.02 * 499))  # exact over the run
+    assert summary["stalls"] == 1 and summary["max_stall_ticks"] == 3 and summary["stall_fraction"] == pytest.approx(0.003)
+    assert summary["roundtrip_p99_ms"] == pytest.approx(10.0) and summary["roundtrip_max_ms"] == pytest.approx(500.0)
+    assert summary["roundtrips"] == 51 and summary["roundtrip_window"] == 10
+    assert summary["max_boundary_jump"] == pytest.approx(0.9) and summary["boundary_jumps"] == 51
+    text = format_summary(summary)
+    assert "(last 100)" in text and "(last 10)" in text and "max 500.0 ms" in text
+
+
+def test_loop_stats_episode_boundaries_are_no_interval_and_no_stall():
+    stats = LoopStats(fps=10)
+    stats.tick(0.0, True)
+    stats.tick(0.1, True)
+    stats.end_episode()
+    stats.tick(100.0, True)  # a new episode: no 99.9 s interval, and a new stall
+    assert stats.tick_intervals.count == 1 and stats.achieved_fps == pytest.approx(10.0)
+    assert stats.stalls == 2 and stats.max_stall_ticks == 2

@@ -27,7 +27,28 @@ def test_flag_defaults() -> None:
     assert parse().monitor is None and parse().record is None
     assert parse("--monitor").monitor == 9000
     args = parse("--monitor", "9100", "--record", "out/")
-    assert args.monitor == 9100 and args.record == Path("out/") and args.monitor_host == "127.0.0.1"
+    assert args.monitor == 9100 and args.record == Path("out/") and args.monitor_host == "127.0.0.1" and args.monitor_allow_host == []
+    assert parse("--monitor-allow-host", "robot.lab", "--monitor-allow-host", "proxy.lab").monitor_allow_host == ["robot.lab", "proxy.lab"]
+
+
+def test_monitor_allow_host_reaches_the_monitor() -> None:
+    """``--monitor-allow-host NAME``: the page and its buttons answer requests addressed to NAME; other names get 403."""
+    import http.client
+
+    with Watchers(parse("--monitor", str(free_port()), "--monitor-allow-host", "robot-7.lab")) as watchers:
+        monitor = watchers.monitor
+        assert monitor is not None
+
+        def status_for(host: str) -> int:
+            conn = http.client.HTTPConnection(monitor.host, monitor.port, timeout=10)
+            try:
+                conn.request("GET", "/", headers={"Host": f"{host}:{monitor.port}"})
+                return conn.getresponse().status
+            finally:
+                conn.close()
+
+        assert status_for("robot-7.lab") == 200 and status_for("127.0.0.1") == 200 and status_for("localhost") == 200
+        assert status_for("robot-8.lab") == 403
 
 
 def test_watchers_monitor_and_record_a_real_loop(serve: Any, tmp_path: Path) -> None:
@@ -42,7 +63,7 @@ def test_watchers_monitor_and_record_a_real_loop(serve: Any, tmp_path: Path) -> 
             loop = TinyLoop(client, PictureEnv(cameras), fps=100, max_steps=25)
             loop.listeners.extend(watchers.listeners)
             watchers.attach(loop)
-            request = urllib.request.Request(watchers.monitor.url + "api/start", method="POST", data=b"")
+            request = urllib.request.Request(watchers.monitor.url + "api/start", method="POST", data=b"", headers={"X-Policylink-Token": watchers.monitor.token})
             with urllib.request.urlopen(request) as response:
                 assert json.load(response)["ok"] is True
             loop.wait_steps(25)

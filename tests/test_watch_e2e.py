@@ -64,8 +64,17 @@ def updates(url: str) -> Iterator[dict[str, Any]]:
         conn.close()
 
 
-def post(url: str) -> Any:
-    with urllib.request.urlopen(urllib.request.Request(url, method="POST", data=b""), timeout=10) as response:
+def page_token(url: str) -> str:
+    """The monitor session's token, as a script gets it: from the page's ``<meta name="policylink-token">``."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        match = re.search(r'<meta name="policylink-token" content="([^"]+)">', response.read().decode())
+    assert match, "the page carries no token"
+    return match.group(1)
+
+
+def post(url: str, token: str) -> Any:
+    request = urllib.request.Request(url, method="POST", data=b"", headers={"X-Policylink-Token": token})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)
 
 
@@ -97,7 +106,7 @@ class PageDriver:
 
     def click(self, action: str) -> None:
         if self.browser is None:
-            post(self.url + f"api/{action}")
+            post(self.url + f"api/{action}", page_token(self.url))
             return
         from selenium.webdriver.common.by import By
 
@@ -139,11 +148,14 @@ def test_run_with_monitor_and_record(serve: Any, tmp_path: Path, capsys: Any) ->
         stream = updates(url)
         try:
             history = next(stream)
-            assert history["loop"]["step"] == paused_at and history["status"]["step"] == paused_at
+            # The monitor shows its last step event's step: events number steps from 0, so one less than the
+            # executor's count of steps taken (0 when the pause came at an episode's start). It stays put too.
+            shown_step = history["status"]["step"]
+            assert history["loop"]["step"] == paused_at and shown_step == max(paused_at - 1, 0)
             for _ in range(5):
                 update = next(stream)
                 assert update["samples"] == [] and update["loop"]["step"] == paused_at, "the executor stepped while paused"
-                assert update["loop"]["state"] == "paused"
+                assert update["loop"]["state"] == "paused" and update["status"]["step"] == shown_step
         finally:
             stream.close()
         page.click("start")

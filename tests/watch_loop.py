@@ -8,19 +8,62 @@ environment with moving camera pictures, and emits the loop's real events
 Tests wait on the loop's own progress (:meth:`TinyLoop.wait_until`) instead of
 sleeping: every step, episode change and idle poll of a stopped loop wakes
 the waiters.
+
+:func:`chromium` opens Debian's headless Chromium through selenium for the
+tests that check the page in a real browser.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from policylink.client import PolicyClient
 from policylink.runtime.events import ChunkEvent, EpisodeEvent, StepEvent
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+#: Why the browser tests skip where Debian's chromium is missing.
+NO_CHROMIUM = "needs Debian's chromium and chromium-driver (make test installs them)"
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless Chromium driven by selenium, with a fresh profile; quit afterwards."""
+    import pytest
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="policylink-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--window-size=1400,900", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    # An explicit driver path: selenium downloads nothing.
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Re-check ``predicate`` (browser state, which offers no event to wait on) until it holds, up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
 
 
 class PictureEnv:
@@ -45,13 +88,19 @@ class PictureEnv:
 
     def observation(self) -> dict[str, Any]:
         obs: dict[str, Any] = {"observation.state": self.state.copy(), "task": "watch the bar"}
-        for index, (name, (height, width)) in enumerate(self.cameras.items()):
-            frame = np.zeros((height, width, 3), np.uint8)
-            frame[..., index % 3] = 60
-            column = (self.t * 7) % width
-            frame[:, column : column + max(2, width // 10)] = (255, 220, 0)
-            obs[f"observation.images.{name}"] = frame
+        for index, (name, size) in enumerate(self.cameras.items()):
+            obs[f"observation.images.{name}"] = bar_frame(self.t, index, size)
         return obs
+
+
+def bar_frame(t: int, index: int, size: tuple[int, int]) -> np.ndarray:
+    """A camera picture easy to check by eye: a tinted background (one colour per camera) and a bar moving with ``t``."""
+    height, width = size
+    frame = np.zeros((height, width, 3), np.uint8)
+    frame[..., index % 3] = 60
+    column = (t * 7) % width
+    frame[:, column : column + max(2, width // 10)] = (255, 220, 0)
+    return frame
 
 
 class TinyLoop:
@@ -124,14 +173,15 @@ class TinyLoop:
                 if not self._running.is_set() or self._quit.is_set() or self.steps >= self.max_steps:
                     break
                 tick = time.monotonic()
+                observation = obs  # the executor's convention: step t pairs the observation before action t with it
                 obs, done = self.env.step(action)
-                step += 1
-                self._advance("steps")
                 reward = float(-np.abs(action).mean())
                 total_reward += reward
                 success = done and total_reward > -1e9
                 latencies = {"roundtrip_ms": roundtrip, **{k: v for k, v in chunk.server_timing.items() if k.endswith("_ms")}}
-                self._emit("on_step", StepEvent(self.episode, step, time.time(), obs, action, chunk_id, True, reward, success, done, latencies))
+                self._emit("on_step", StepEvent(self.episode, step, time.time(), observation, action, chunk_id, True, reward, success, done, latencies))
+                step += 1
+                self._advance("steps")
                 if done:
                     self._emit("on_episode", EpisodeEvent(self.episode, started=False, steps=step, success=success, total_reward=total_reward))
                     self._advance("episode")

@@ -14,7 +14,7 @@ header and the PNG ``IHDR`` chunk) and refuses an image larger than
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ from .errors import ProtocolError
 __all__ = [
     "camera_frames",
     "state_vector",
+    "state_part_order",
     "encode_jpeg",
     "decode_jpeg",
     "decode_image",
@@ -63,18 +64,37 @@ def camera_frames(obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return frames
 
 
+def state_part_order(names: Iterable[Any]) -> list[Any]:
+    """The order in which the parts of a nested ``states`` map are joined into one vector.
+
+    Left before right, whatever order the map happens to have: parts whose
+    name starts with ``left`` come first, then parts named otherwise (in the
+    order given), then parts whose name starts with ``right``; case is
+    ignored. So ``{"right_arm": r, "left_arm": l}`` joins as ``[l, r]``.
+    Everything that joins ``states`` (the recorder and monitor through
+    :func:`state_vector`, the server's observation mapping) uses this order.
+    """
+
+    def rank(name: Any) -> int:
+        text = str(name).lower()
+        return 0 if text.startswith("left") else 2 if text.startswith("right") else 1
+
+    return sorted(names, key=rank)  # stable: parts of the same rank keep their order
+
+
 def state_vector(obs: Mapping[str, Any]) -> np.ndarray | None:
     """The robot state of ``obs`` as a flat float32 vector, or ``None`` if it has none.
 
     The nested ``{"states": {"left_arm": ..., "right_arm": ...}}`` form is
-    concatenated in key order.
+    concatenated left before right (:func:`state_part_order`), as the server
+    joins it for the policy.
     """
     for key in _STATE_KEYS:
         if key in obs:
             return np.asarray(obs[key], dtype=np.float32).reshape(-1)
     nested = obs.get("states")
     if isinstance(nested, Mapping) and nested:
-        return np.concatenate([np.asarray(value, dtype=np.float32).reshape(-1) for value in nested.values()])
+        return np.concatenate([np.asarray(nested[name], dtype=np.float32).reshape(-1) for name in state_part_order(nested)])
     return None
 
 

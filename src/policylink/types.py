@@ -71,6 +71,22 @@ class PolicyMetadata:
     action_space: str = "joint_position"
     #: Free-form, honest notes about the policy (e.g. "random weights").
     description: str = ""
+    #: Per-joint range of the actions the policy was trained on (the checkpoint's statistics), when known.
+    #: Clients refuse chunks outside it (with a margin) unless told otherwise.
+    action_low: tuple[float, ...] | None = None
+    action_high: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.action_low is None) != (self.action_high is None):
+            raise ValueError("action bounds need both action_low and action_high")
+        if self.action_low is not None and self.action_high is not None:
+            low, high = tuple(float(v) for v in self.action_low), tuple(float(v) for v in self.action_high)
+            if len(low) != self.action_dim or len(high) != self.action_dim:
+                raise ValueError(f"action bounds must have {self.action_dim} values each, got {len(low)} and {len(high)}")
+            if any(lo > hi for lo, hi in zip(low, high)):
+                raise ValueError("action bounds need action_low <= action_high")
+            object.__setattr__(self, "action_low", low)
+            object.__setattr__(self, "action_high", high)
 
     @property
     def image_resolution(self) -> tuple[int, int] | None:
@@ -103,6 +119,8 @@ class PolicyMetadata:
             "n_external_cameras": len(self.camera_names) - len(wrist),
             "needs_wrist_camera": bool(wrist),
             "action_space": self.action_space,
+            "action_low": list(self.action_low) if self.action_low is not None else None,
+            "action_high": list(self.action_high) if self.action_high is not None else None,
         }
 
     @classmethod
@@ -120,7 +138,13 @@ class PolicyMetadata:
             n_action_steps=data.get("n_action_steps"),
             action_space=str(data.get("action_space", "joint_position")),
             description=str(data.get("description", "")),
+            action_low=_bounds(data.get("action_low")),
+            action_high=_bounds(data.get("action_high")),
         )
+
+
+def _bounds(values: Any) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
 
 
 def _is_image_key(key: str) -> bool:

@@ -48,6 +48,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 _QUEUE_FED_TYPES = ("diffusion", "vqbet")
 #: Control rate announced when the checkpoint does not record one.
 DEFAULT_FPS = 30.0
+#: Action bounds from mean/std statistics (when a checkpoint has no min/max): mean ± this many std.
+ACTION_STD_BOUND = 4.0
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -407,7 +409,12 @@ class LeRobotPolicy(Policy):
         notes.append("images: HxWx3 uint8 at any size (resized by the server) or 3xHxW float in [0, 1]")
         if self.fps is None:
             notes.append(f"fps not recorded in the checkpoint; {DEFAULT_FPS:g} assumed")
+        low, high = self._action_range(action_dim)
+        if low is not None:
+            notes.append("action bounds from the checkpoint's statistics")
         return PolicyMetadata(
+            action_low=low,
+            action_high=high,
             action_dim=action_dim,
             horizon=horizon,
             fps=self.fps if self.fps is not None else DEFAULT_FPS,
@@ -418,6 +425,29 @@ class LeRobotPolicy(Policy):
             n_action_steps=min(int(n_action_steps), horizon) if n_action_steps else horizon,
             description="; ".join(notes),
         )
+
+
+    def _action_range(self, action_dim: int) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+        """The training data's action range from the post-processor's statistics: min/max, else mean ± 4 std."""
+        for step in getattr(self.postprocessor, "steps", ()):
+            stats = (getattr(step, "stats", None) or {}).get("action")
+            if not stats:
+                continue
+            if "min" in stats and "max" in stats:
+                low, high = _as_floats(stats["min"]), _as_floats(stats["max"])
+            elif "mean" in stats and "std" in stats:
+                mean, std = _as_floats(stats["mean"]), _as_floats(stats["std"])
+                low = tuple(m - ACTION_STD_BOUND * s for m, s in zip(mean, std))
+                high = tuple(m + ACTION_STD_BOUND * s for m, s in zip(mean, std))
+            else:
+                continue
+            if len(low) == len(high) == action_dim:
+                return low, high
+        return None, None
+
+
+def _as_floats(value: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.asarray(getattr(value, "cpu", lambda: value)(), dtype=np.float64).reshape(-1))
 
 
 class LeRobotSession(Policy):

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import RequestError
 from ..limits import DEFAULT_LIMITS
-from ..media import decode_image
+from ..media import decode_image, state_part_order
 
 __all__ = ["ObservationSpec", "MappedObservation", "map_observation", "parse_rename_map"]
 
@@ -175,9 +175,9 @@ def _join_states(states: Any) -> np.ndarray:
     """``{"arm": v}`` -> v; ``{"left_arm": l, "right_arm": r}`` -> [l, r]; else joined in the order sent."""
     if not isinstance(states, Mapping) or not states:
         raise RequestError("'states' must map part names (e.g. 'arm' or 'left_arm'/'right_arm') to vectors")
-    names = list(states)
-    # Left before right, whatever order the client's map happens to have.
-    names.sort(key=lambda name: 0 if str(name).startswith("left") else 2 if str(name).startswith("right") else 1)
+    # Left before right, whatever order the client's map happens to have: the
+    # one order shared with the recorder and the monitor (media.state_vector).
+    names = state_part_order(states)
     parts = [_as_float(states[name], f"states[{name!r}]").reshape(-1) for name in names]
     return np.concatenate(parts)
 

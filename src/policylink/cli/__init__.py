@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -36,6 +37,22 @@ examples:
 """
 
 
+#: A value that starts with a minus sign: a negative number or a list of numbers (``-3,3``, ``-0.5``, ``-1e-3``).
+_NEGATIVE_VALUE = re.compile(r"^-(\d|\.\d)[\d.eE+\-,:]*$")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -3,3`` as ``--flag=-3,3``: argparse takes a value like ``-3,3`` for an unknown option."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if _NEGATIVE_VALUE.match(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="policylink", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -48,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)

@@ -8,6 +8,9 @@ and hands their listeners to the loop::
         executor = Executor(..., listeners=watchers.listeners)
         watchers.attach(executor)        # the monitor's buttons now act on it
         executor.run()
+
+When the loop's environment (``executor.env``) is a replayed episode, the
+monitor also shows the recorded actions next to the served ones.
 """
 
 from __future__ import annotations
@@ -30,9 +33,15 @@ def add_watch_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("watch and record")
     group.add_argument(
         "--monitor", nargs="?", type=int, const=DEFAULT_PORT, default=None, metavar="PORT",
-        help=f"serve a live monitor page (cameras, plots, latency, start/stop/reset buttons) on PORT (default: {DEFAULT_PORT})",
+        help=f"serve a live monitor page (cameras, plots, latency, start/stop/reset buttons) on PORT (default: {DEFAULT_PORT}); "
+             "the buttons answer that page only (a per-session token and an Origin check refuse other web pages and scripts without the token)",
     )
-    group.add_argument("--monitor-host", default="127.0.0.1", help="address the monitor listens on (default: 127.0.0.1, this machine only)")
+    group.add_argument("--monitor-host", default="127.0.0.1", help="address the monitor listens on (default: 127.0.0.1, this machine only; "
+                                                                   "with 0.0.0.0 anyone who can load the page can press its buttons)")
+    group.add_argument(
+        "--monitor-allow-host", action="append", default=[], metavar="NAME",
+        help="a host name the monitor is reached by besides IP addresses, localhost and this machine's name (e.g. behind a proxy); repeatable",
+    )
     group.add_argument("--record", type=Path, default=None, metavar="DIR", help="record the session (metadata, per-step log, camera JPEGs) into a new folder under DIR")
 
 
@@ -67,7 +76,8 @@ class Watchers:
         port = getattr(args, "monitor", None)
         if port is not None:
             info = _monitor_info(metadata or {})
-            self.monitor = Monitor(control=control, host=getattr(args, "monitor_host", "127.0.0.1"), port=port, fps=fps, info=info)
+            self.monitor = Monitor(control=control, host=getattr(args, "monitor_host", "127.0.0.1"), port=port, fps=fps, info=info,
+                                   allowed_hosts=getattr(args, "monitor_allow_host", None) or ())
         record = getattr(args, "record", None)
         if record is not None:
             self.recorder = SessionRecorder(record, metadata)
@@ -77,10 +87,18 @@ class Watchers:
         return [watcher for watcher in (self.monitor, self.recorder) if watcher is not None]
 
     def attach(self, control: LoopControl) -> None:
-        """Let the monitor's buttons act on ``control`` (a loop built after the watchers)."""
+        """Let the monitor's buttons act on ``control`` (a loop built after the watchers).
+
+        When the loop's environment (``control.env``) is a replayed episode
+        (it has a ``last_recorded_action``), the page also shows the recorded
+        actions and how far the served ones are from them.
+        """
         if self.monitor is not None:
             self.monitor.control = control
             self.monitor.config["controls"] = True
+            env = getattr(control, "env", None)
+            if env is not None and hasattr(env, "last_recorded_action"):
+                self.monitor.show_replay(env)
 
     def __enter__(self) -> Watchers:
         if self.monitor is not None:
@@ -93,7 +111,6 @@ class Watchers:
     def __exit__(self, *exc: object) -> None:
         if self.recorder is not None:
             self.recorder.close()
-            stats = self.recorder.stats
-            print(f"policylink: recorded {stats.steps} steps, {stats.frames_written} images ({stats.frames_dropped} frames dropped) in {self.recorder.path}", flush=True)
+            print(f"policylink: recorded {self.recorder.stats.summary()} in {self.recorder.path}", flush=True)
         if self.monitor is not None:
             self.monitor.close()

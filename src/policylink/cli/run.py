@@ -73,12 +73,27 @@ def add_parser(subparsers: Any) -> None:
     loop.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: until the environment ends it)")
     loop.add_argument("--sim-latency-steps", type=int, default=None, metavar="N", help="simulated time: no sleeping, each reply arrives N steps after its request")
     loop.add_argument("--task", default=None, help="language instruction sent with every observation")
-    safety = parser.add_argument_group("safety filters (applied in this order)")
+    safety = parser.add_argument_group("safety (defaults are safe: see docs/runtime.md); filters apply in this order")
+    safety.add_argument("--action.map", dest="action_map", default=None, metavar="ROBOT_DIM:JOINTS",
+                        help="place the policy's actions into a larger robot vector, e.g. 22:0-15 (policy value i drives the i-th listed joint)")
+    safety.add_argument("--action.hold", dest="action_hold", default=None, metavar="JOINT=VALUE,...",
+                        help="with --action.map: hold these undriven joints at these values (the others hold their position at episode start)")
     safety.add_argument("--filter.smooth", dest="filter_smooth", type=int, default=None, metavar="N", help="moving average over N actions")
     safety.add_argument("--filter.limits", dest="filter_limits", default=None, metavar="LOW,HIGH", help="clip every joint to [LOW, HIGH]; chunks outside are rejected")
     safety.add_argument("--filter.max_delta", dest="filter_max_delta", type=float, default=None, metavar="X", help="per-step velocity limit: no joint moves more than X per tick")
     safety.add_argument("--filter.gripper", dest="filter_gripper", default=None, metavar="IDX[,IDX]:THRESH", help="binarise these joints at THRESH (e.g. 5:0.5)")
     safety.add_argument("--filter.max_jump", dest="filter_max_jump", type=float, default=None, metavar="X", help="reject chunks starting more than X from the current state")
+    safety.add_argument("--ready-pose", dest="ready_pose", default=None, metavar="V,V,...", help="move to this robot pose (through the filters) before each episode")
+    safety.add_argument("--ready-s", dest="ready_s", type=float, default=2.0, metavar="S", help="time the ready-pose ramp takes (default: 2)")
+    safety.add_argument("--watchdog-action", default="hold", choices=["hold", "ready", "stop"],
+                        help="when the watchdog trips: hold the last command, move to the ready pose, or stop the robot (torque off) and end the episode (default: hold)")
+    safety.add_argument("--bounds-margin", type=float, default=0.1, metavar="F",
+                        help="refuse chunks outside the policy's announced action range widened by F of it (default: 0.1)")
+    safety.add_argument("--no-policy-bounds", action="store_true", help="ignore the policy's announced action range (the robot's joint ranges still apply)")
+    safety.add_argument("--allow-unbounded", action="store_true", help="run even when neither the policy nor the environment gives any action range (unsafe)")
+    safety.add_argument("--resume-max-delta", type=float, default=None, metavar="X",
+                        help="after a stall, rejoin the trajectory at most X per joint per tick (default: twice the largest normal per-tick change)")
+    safety.add_argument("--first-chunk-attempts", type=int, default=10, metavar="N", help="failed or rejected first chunks before an episode ends with an error (default: 10)")
     add_policy_flags(parser)
     parser.set_defaults(action_dim=None)  # a local built-in policy takes the environment's shape
     add_watch_flags(parser)
@@ -89,21 +104,28 @@ def run(args: argparse.Namespace) -> int:
     from ..client import PolicyClient
     from ..runtime.stats import format_summary
 
+    if args.sim_latency_steps is not None and args.env == "robot":  # before any hardware is touched
+        raise ValueError("--sim-latency-steps simulates time without waiting: it cannot drive a real robot (--env robot)")
     with make_env(args) as env, _server(args, env) as url, PolicyClient(url, api_key=args.api_key, ca_file=args.ca_file) as client:
         metadata = client.metadata
         if metadata is None:
-            raise ValueError(f"the server at {url} has no model loaded; start it with a policy or use 'policylink infer --configure'")
-        if metadata.action_dim != env.action_dim:
-            raise ValueError(f"the policy returns {metadata.action_dim}-d actions but the {env.name} environment takes {env.action_dim}")
+            raise ValueError(f"the server at {url} has no model loaded; start it with a policy or use 'policylink infer --policy.path'")
+        mapping = action_mapping(args, env.action_dim)
+        expected = len(mapping.indices) if mapping is not None else env.action_dim
+        if metadata.action_dim != expected:
+            via = f" (through --action.map {args.action_map})" if mapping is not None else ""
+            raise ValueError(f"the policy returns {metadata.action_dim}-d actions but the {env.name} environment takes {expected}{via}")
         print(f"policylink run: {metadata.model_id} at {url} on {env!r}, {args.mode} at {args.fps:g} Hz", flush=True)
-        summary = _drive(args, client, env, metadata)
+        summary, errors = _drive(args, client, env, metadata)
     print("policylink run: summary", flush=True)
     print(format_summary(summary), flush=True)
+    for error in errors:
+        print(f"policylink run: {error}", file=sys.stderr, flush=True)
     if hasattr(env, "report"):  # a replayed episode: how far the served actions were from the recorded ones
         report = env.report()
         if report.get("steps"):
             print(f"  replay     last episode, {report['steps']} steps: mean |served - recorded| {report['mean_abs_error']:.5f}, max {report['max_abs_error']:.5f}", flush=True)
-    return 0
+    return 1 if errors else 0
 
 
 def _drive(args: argparse.Namespace, client: Any, env: Any, metadata: Any) -> dict[str, Any]:
@@ -120,24 +142,27 @@ def _drive(args: argparse.Namespace, client: Any, env: Any, metadata: Any) -> di
                 executor.run(episodes=args.episodes)
             finally:
                 executor.close()
-    return executor.stats.summary()
+    errors = [f"episode {result['episode']}: {result['info']['error']}" for result in executor.episode_results if result["info"].get("error")]
+    return executor.stats.summary(), errors
 
 
 def make_executor(args: argparse.Namespace, client: Any, env: Any, metadata: Any) -> Any:
     """The executor, clock, filters and validator the flags ask for."""
     from ..runtime.clock import RealTimeClock, SteppedClock
     from ..runtime.executor import Executor, ExecutorConfig
-    from ..runtime.filters import ChunkValidator, GripperBinarize, JointLimits, MovingAverage, VelocityLimit
+    from ..runtime.filters import ChunkValidator, GripperBinarize, JointLimits, MovingAverage, ReadyPose, VelocityLimit
     from ..runtime.merging import make_merge_rule
 
     merge_options = {"average": {"old_weight": args.merge_old_weight}, "ensemble": {"k": args.merge_k}}.get(args.merge, {})
     config = ExecutorConfig(
         mode=args.mode, fps=args.fps, n_action_steps=args.n_action_steps or metadata.n_action_steps,
         threshold=args.threshold, compensate=args.compensate, merge=make_merge_rule(args.merge, **merge_options),
-        watchdog_s=args.watchdog_s, max_steps=args.max_steps, task=args.task,
+        watchdog_s=args.watchdog_s, max_steps=args.max_steps, task=args.task, watchdog_action=args.watchdog_action,
+        first_chunk_attempts=args.first_chunk_attempts, bounds_margin=args.bounds_margin, resume_max_delta=args.resume_max_delta,
     )
     clock = SteppedClock(args.fps, args.sim_latency_steps) if args.sim_latency_steps is not None else RealTimeClock(args.fps)
-    filters: list[Any] = []
+    mapping = action_mapping(args, env.action_dim)
+    filters: list[Any] = [mapping] if mapping is not None else []  # first: the other filters act on the robot's vector
     limits = None
     if args.filter_smooth:
         filters.append(MovingAverage(args.filter_smooth))
@@ -150,8 +175,48 @@ def make_executor(args: argparse.Namespace, client: Any, env: Any, metadata: Any
     if args.filter_gripper:
         indices, _, threshold = args.filter_gripper.partition(":")
         filters.append(GripperBinarize([int(i) for i in indices.split(",")], threshold=float(threshold or 0.5)))
-    validator = ChunkValidator(action_dim=env.action_dim, limits=limits, max_jump=args.filter_max_jump)
-    return Executor(client, env, config, clock=clock, filters=filters, validator=validator)
+    validator = ChunkValidator(limits=limits, max_jump=args.filter_max_jump)
+    ready = None
+    if args.ready_pose:
+        pose = _floats(args.ready_pose, "--ready-pose", env.action_dim)
+        ready = ReadyPose(pose, steps=max(1, round(args.ready_s * args.fps)))
+    return Executor(
+        client, env, config, clock=clock, filters=filters, validator=validator, ready_pose=ready,
+        use_policy_bounds=not args.no_policy_bounds, allow_unbounded=args.allow_unbounded,
+    )
+
+
+def action_mapping(args: argparse.Namespace, robot_dim: int) -> Any:
+    """The :class:`ActionMapping` of ``--action.map ROBOT_DIM:JOINTS`` and ``--action.hold``, or ``None``."""
+    from ..runtime.filters import ActionMapping
+
+    if not args.action_map:
+        if args.action_hold:
+            raise ValueError("--action.hold needs --action.map")
+        return None
+    dim_text, _, joints = args.action_map.partition(":")
+    try:
+        dim = int(dim_text)
+        indices = [index for part in joints.split(",") if part.strip() for index in _joint_range(part.strip())]
+    except ValueError:
+        raise ValueError(f"bad --action.map {args.action_map!r}: expected ROBOT_DIM:JOINTS, e.g. 22:0-15 or 14:0-5,7-12") from None
+    if dim != robot_dim:
+        raise ValueError(f"--action.map maps onto {dim} joints, but the {args.env} environment has {robot_dim}")
+    hold = {}
+    for item in filter(None, (part.strip() for part in (args.action_hold or "").split(","))):
+        joint, _, value = item.partition("=")
+        try:
+            hold[int(joint)] = float(value)
+        except ValueError:
+            raise ValueError(f"bad --action.hold item {item!r}: expected JOINT=VALUE, e.g. 16=0.0") from None
+    return ActionMapping(dim, indices, hold=hold)
+
+
+def _joint_range(text: str) -> range:
+    first, _, last = text.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
 
 
 def make_env(args: argparse.Namespace) -> Any:

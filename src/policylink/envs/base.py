@@ -69,6 +69,21 @@ class Env(abc.ABC):
         """The current joint state (for jump checks and filters), if known."""
         return None
 
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-joint ``(low, high)`` of the commands this environment accepts, if known.
+
+        A robot's joint ranges, a simulator's action space. The control loop
+        bounds every command it sends to them.
+        """
+        return None
+
+    def safe_stop(self) -> bool:
+        """Bring the hardware to a safe stop (e.g. torque off); ``False`` when the environment has none.
+
+        The control loop calls it when its watchdog trips with the ``stop`` action.
+        """
+        return False
+
     def close(self) -> None:
         """Release hardware, windows, files."""
 

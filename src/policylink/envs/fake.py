@@ -107,6 +107,10 @@ class FakeEnv(Env):
     def state(self) -> np.ndarray:
         return self._state.copy()
 
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Like a revolute arm's joints: ``[-pi, pi]`` each."""
+        return np.full(self.action_dim, -np.pi, np.float32), np.full(self.action_dim, np.pi, np.float32)
+
     def _observation(self) -> Observation:
         obs: Observation = {"observation.state": self._state.copy()}
         width = self.image_size[1]

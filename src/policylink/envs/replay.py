@@ -6,6 +6,8 @@ at that step: :meth:`ReplayEnv.report` gives the mean and per-joint errors,
 and the last step's ``info["action_error"]`` carries the same report. Useful
 to check that a served checkpoint reproduces its training data, or that the
 client pipeline (merging, compensation, filters) does not distort it.
+:attr:`ReplayEnv.last_recorded_action` is the recorded action the latest step
+was compared with (the monitor draws it next to the served one).
 
 Sources: a simple ``.npz`` (``observation.state`` or ``state``, ``action`` or
 ``actions``, and ``observation.images.<cam>`` as ``(T, H, W, 3)`` uint8), or
@@ -52,6 +54,7 @@ class ReplayEnv(Env):
         self.task = task
         self._t = 0
         self._errors: list[np.ndarray] = []
+        self._last_recorded: np.ndarray | None = None
 
     # -- loading -----------------------------------------------------------
 
@@ -112,9 +115,15 @@ class ReplayEnv(Env):
     def __len__(self) -> int:
         return len(self.states)
 
+    @property
+    def last_recorded_action(self) -> np.ndarray | None:
+        """The recorded action the latest :meth:`step` compared the served one with; ``None`` since :meth:`reset`."""
+        return self._last_recorded
+
     def reset(self, seed: int | None = None) -> Observation:
         self._t = 0
         self._errors = []
+        self._last_recorded = None
         return self._observation(0)
 
     def step(self, action: np.ndarray) -> StepResult:
@@ -124,6 +133,7 @@ class ReplayEnv(Env):
         if self._t >= len(self):
             raise RuntimeError("the recorded episode is over; call reset()")
         self._errors.append(action - self.actions[self._t])
+        self._last_recorded = self.actions[self._t]
         self._t += 1
         truncated = self._t >= len(self)
         info: dict[str, Any] = {"recorded_action": self.actions[self._t - 1]}

@@ -73,6 +73,19 @@ class RobotEnv(Env):
     def state(self) -> np.ndarray | None:
         return None if self._state is None else self._state.copy()
 
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The joints' ranges from the motors' normalisation (LeRobot's -100..100, 0..100 or degrees), when the robot says."""
+        ranges = [_joint_range(self.robot, joint) for joint in self.joints]
+        if any(r is None for r in ranges):
+            return None
+        return np.array([r[0] for r in ranges], np.float32), np.array([r[1] for r in ranges], np.float32)  # type: ignore[index]
+
+    def safe_stop(self) -> bool:
+        """Disconnect, which turns the motors' torque off (LeRobot's ``disable_torque_on_disconnect``)."""
+        if self.robot.is_connected:
+            self.robot.disconnect()
+        return True
+
     def close(self) -> None:
         if self.robot.is_connected:
             self.robot.disconnect()
@@ -95,6 +108,22 @@ class RobotEnv(Env):
 
     def __repr__(self) -> str:
         return f"RobotEnv({self.name}, joints={self.action_dim}, cameras={list(self._cameras)})"
+
+
+#: Command range of each LeRobot motor normalisation mode.
+_NORM_RANGES = {"range_m100_100": (-100.0, 100.0), "range_0_100": (0.0, 100.0), "degrees": (-180.0, 180.0)}
+
+
+def _joint_range(robot: Any, joint: str) -> tuple[float, float] | None:
+    """``(low, high)`` of ``joint`` (``shoulder_pan.pos``, ``left_gripper.pos``) from the motor bus, if it can be found."""
+    motor = joint.removesuffix(".pos")
+    arms = [(robot, "")] + [(getattr(robot, f"{side}_arm", None), f"{side}_") for side in ("left", "right")]
+    for arm, prefix in arms:
+        motors = getattr(getattr(arm, "bus", None), "motors", None)
+        if motors and motor.startswith(prefix) and motor[len(prefix):] in motors:
+            mode = getattr(motors[motor[len(prefix):]].norm_mode, "value", None)
+            return _NORM_RANGES.get(str(mode))
+    return None
 
 
 def make_so_follower(

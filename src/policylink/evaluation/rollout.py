@@ -159,6 +159,9 @@ class _Recorder(Env):
     def state(self) -> np.ndarray | None:
         return self.env.state()
 
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self.env.action_bounds()
+
 
 class _Policy:
     """The executor's view of the client: counts requests, stops the run at the first failure.

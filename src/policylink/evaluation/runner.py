@@ -30,7 +30,7 @@ from ..runtime.events import LoopListener
 from ..types import PolicyMetadata
 from .rollout import EpisodeResult, ExecutionConfig, run_episode
 from .summary import summarize
-from .video import write_mp4
+from .video import VideoWriter
 
 __all__ = ["EvalConfig", "EvalReport", "evaluate", "RESULTS_SCHEMA_VERSION"]
 
@@ -191,17 +191,22 @@ class _Run:
             if number == 0:
                 self._describe(metadata, client, env, execution)
             while (index := self.next_index()) is not None:
-                frames: list[Any] = []
-                grab = (lambda frames=frames: frames.append(env.render())) if index < config.videos else None
-                result = run_episode(
-                    env, client.infer, execution, index, config.seed + index, on_frame=grab,
-                    reset=client.reset if policylink_server else None, stop=self.stop, listeners=self.listeners,
-                )
+                # Frames go to the encoder as they are rendered: an episode's video is never held in memory.
+                video = self._video(index, env.fps)
+                grab = (lambda video=video: video.append(env.render())) if video is not None else None
+                try:
+                    result = run_episode(
+                        env, client.infer, execution, index, config.seed + index, on_frame=grab,
+                        reset=client.reset if policylink_server else None, stop=self.stop, listeners=self.listeners,
+                    )
+                except BaseException:
+                    _discard(video)
+                    raise
                 if result.interrupted:
+                    _discard(video)  # as before: an unfinished episode leaves no video
                     return
-                if frames and config.out is not None:
-                    video = write_mp4(config.out / "videos" / f"episode_{index:04d}.mp4", frames, env.fps)
-                    result.video = str(video.relative_to(config.out))
+                if video is not None and config.out is not None and (path := video.close()) is not None:
+                    result.video = str(path.relative_to(config.out))
                 with self._lock:
                     self.results.append(result)
                 if self.on_episode is not None:
@@ -209,6 +214,13 @@ class _Run:
         finally:
             client.close()
             env.close()
+
+    def _video(self, index: int, fps: float) -> VideoWriter | None:
+        """The streaming writer for episode ``index``; ``None`` (nothing rendered) when it is not recorded."""
+        config = self.config
+        if index >= config.videos or config.out is None:
+            return None
+        return VideoWriter(config.out / "videos" / f"episode_{index:04d}.mp4", fps)
 
     def _connect(self, client: PolicyClient, env: GymEnv) -> PolicyMetadata | None:
         """Configure the model if asked; the policy's metadata (``None`` from a server that sends none)."""
@@ -243,6 +255,16 @@ class _Run:
             "max_episode_steps": execution.max_steps,
             "n_action_steps": execution.n_action_steps,
         }
+
+
+def _discard(video: VideoWriter | None) -> None:
+    """Delete an unfinished episode's partial video; a failure here must not hide the episode's own error."""
+    if video is None:
+        return
+    try:
+        video.discard()
+    except Exception:
+        logger.exception("could not remove the partial video %s", video.path)
 
 
 def _jsonable(value: Any) -> Any:

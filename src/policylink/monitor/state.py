@@ -4,13 +4,22 @@
 appends a few numbers to ring buffers and keeps a reference to the newest
 camera frames. JPEG encoding happens on the monitor's own encoder thread
 (:meth:`MonitorState.encode_frames`), at the page's frame rate, not the loop's.
+
+Camera names travel to the page as JSON, are shown with ``textContent`` and
+come back percent-encoded in ``/frame/<name>.jpg``, so any name that
+round-trips through UTF-8 works (slashes, ``..``, spaces, quotes, non-ASCII).
+A name no URL or page can carry faithfully (see :func:`camera_name_problem`)
+is refused where the monitor first sees it: logged once, listed in the
+status under ``cameras_refused``, and its frames are not served.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -18,7 +27,35 @@ import numpy as np
 from ..media import camera_frames, encode_jpeg, jpeg_available, state_vector
 from ..runtime.events import ChunkEvent, EpisodeEvent, StepEvent
 
-__all__ = ["MonitorState"]
+__all__ = ["MonitorState", "camera_name_problem", "MAX_CAMERA_NAME"]
+
+logger = logging.getLogger("policylink.monitor")
+
+#: The longest camera name the page addresses (its URL is at most ~12 bytes per character).
+MAX_CAMERA_NAME = 100
+
+
+def camera_name_problem(name: object) -> str | None:
+    """Why the page cannot address camera ``name``, or ``None`` when it can.
+
+    Refused: non-strings, the empty name, names over :data:`MAX_CAMERA_NAME`
+    characters, and names with control, format (e.g. bidirectional overrides,
+    zero-width), private-use, unassigned or surrogate code points, which do
+    not survive UTF-8 or would show as something else. Everything else is
+    percent-encoded in the frame's URL and shown as text.
+    """
+    if not isinstance(name, str):
+        return f"not a string ({type(name).__name__})"
+    if not name:
+        return "the name is empty"
+    if len(name) > MAX_CAMERA_NAME:
+        return f"longer than {MAX_CAMERA_NAME} characters ({len(name)})"
+    for char in name:
+        category = unicodedata.category(char)
+        if category.startswith("C"):
+            kind = {"Cc": "a control", "Cf": "an invisible formatting", "Cs": "a surrogate", "Co": "a private-use", "Cn": "an unassigned"}[category]
+            return f"contains {kind} character (U+{ord(char):04X})"
+    return None
 
 
 def _floats(value: Any) -> list[float] | None:
@@ -49,17 +86,42 @@ class MonitorState:
         self._jpegs: dict[str, tuple[int, bytes]] = {}
         self._encoded_step = -1
         self.frames_encoded = 0
+        #: Camera name -> why the page cannot address it (None: it can); checked once per name.
+        self._camera_names: dict[str, str | None] = {}
+        self._cameras_refused: dict[str, str] = {}
+        # Replay: |served - recorded| over the episode so far.
+        self._replay_steps = 0
+        self._replay_sum = 0.0
+        self._replay_max = 0.0
 
     # -- listener (control thread) ----------------------------------------
 
-    def on_step(self, event: StepEvent) -> None:
+    def on_step(self, event: StepEvent, recorded: Any = None) -> None:
+        """A step; ``recorded`` is the recorded action the executed one replays (a replayed episode), if any."""
         frames = camera_frames(event.observation)
+        if frames and any(name not in self._camera_names for name in frames):
+            self._check_camera_names(frames)
+        if frames and self._cameras_refused:
+            frames = {name: frame for name, frame in frames.items() if self._camera_names.get(name) is None}
         sample = {
             "t": event.time, "episode": event.episode, "step": event.step,
             "state": _floats(state_vector(event.observation)), "action": _floats(event.action),
             "chunk_id": event.chunk_id, "fresh": bool(event.fresh),
         }
+        error = None
+        if recorded is not None and event.action is not None:
+            recorded = np.asarray(recorded, np.float32).reshape(-1)
+            served = np.asarray(event.action, np.float32).reshape(-1)
+            if served.shape == recorded.shape:
+                sample["recorded"] = _floats(recorded)
+                error = np.abs(served - recorded)
         with self._lock:
+            if error is not None:
+                self._replay_steps += 1
+                self._replay_sum += float(error.mean())
+                self._replay_max = max(self._replay_max, float(error.max()))
+                self._status["replay"] = {"steps": self._replay_steps, "mean_abs_error": round(self._replay_sum / self._replay_steps, 6),
+                                          "max_abs_error": round(self._replay_max, 6)}
             self._seq += 1
             sample["seq"] = self._seq
             self._samples.append(sample)
@@ -88,10 +150,24 @@ class MonitorState:
         with self._lock:
             if event.started:
                 self._status.update(episode=event.episode, step=0, success=False, done=False)
+                if self._replay_steps:  # the replay restarts: so does its comparison
+                    self._replay_steps, self._replay_sum, self._replay_max = 0, 0.0, 0.0
+                    self._status["replay"] = {"steps": 0}
             else:
                 self._status["episodes_done"] += 1
                 self._status["successes"] += int(bool(event.success))
                 self._status.update(last_episode={"episode": event.episode, "steps": event.steps, "success": bool(event.success), "total_reward": float(event.total_reward)})
+
+    def _check_camera_names(self, frames: dict[str, Any]) -> None:
+        for name in frames:
+            if name in self._camera_names:
+                continue
+            problem = camera_name_problem(name)
+            self._camera_names[name] = problem
+            if problem is not None:
+                with self._lock:
+                    self._cameras_refused[ascii(name)] = problem
+                logger.warning("monitor: camera %s is not shown: the page cannot address its name: %s", ascii(name), problem)
 
     # -- encoder thread ---------------------------------------------------
 
@@ -126,7 +202,10 @@ class MonitorState:
         loop_hz = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 2 and recent[-1] > recent[0] else 0.0
         if loop_hz and now - recent[-1] > max(0.5, 3.0 / loop_hz):
             loop_hz = 0.0  # the loop stopped: do not keep showing its last rate
-        return {**self._status, "loop_hz": round(loop_hz, 2)}
+        status = {**self._status, "loop_hz": round(loop_hz, 2)}
+        if self._cameras_refused:
+            status["cameras_refused"] = dict(self._cameras_refused)
+        return status
 
     def update(self, since: int) -> tuple[int, dict[str, Any]]:
         """Everything newer than sequence ``since``, and the new cursor."""

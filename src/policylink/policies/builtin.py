@@ -53,6 +53,7 @@ class BuiltinPolicy(Policy):
         cameras: Mapping[str, tuple[int, int]] | None = None,
         latency_ms: float = 0.0,
         n_action_steps: int | None = None,
+        action_range: tuple[Any, Any] | None = None,
     ) -> None:
         if action_dim <= 0 or horizon <= 0:
             raise ValueError(f"action_dim and horizon must be positive, got {action_dim} and {horizon}")
@@ -72,6 +73,9 @@ class BuiltinPolicy(Policy):
             policy_type=self.policy_type,
             n_action_steps=n_action_steps,
             description=self.description,
+            # What this policy can return, announced like a checkpoint's action statistics.
+            action_low=None if action_range is None else tuple(np.broadcast_to(np.asarray(action_range[0], np.float64), (action_dim,))),
+            action_high=None if action_range is None else tuple(np.broadcast_to(np.asarray(action_range[1], np.float64), (action_dim,))),
         )
 
     @property
@@ -94,7 +98,7 @@ class ConstantPolicy(BuiltinPolicy):
     description = "built-in constant policy: every action is the same value; not a trained model"
 
     def __init__(self, value: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(action_range=(value, value), **kwargs)
         self._actions = np.full((self.horizon, self.action_dim), value, dtype=np.float32)
 
     def _chunk(self, obs: Observation) -> np.ndarray:
@@ -108,7 +112,7 @@ class RandomPolicy(BuiltinPolicy):
     description = "built-in random policy: seeded uniform noise in [-1, 1]; not a trained model"
 
     def __init__(self, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(action_range=(-1.0, 1.0), **kwargs)
         self._seed = seed
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
@@ -139,7 +143,7 @@ class ReplayPolicy(BuiltinPolicy):
     def __init__(self, actions: np.ndarray | str | Path | None = None, **kwargs: Any) -> None:
         trajectory = _load_trajectory(actions, kwargs.get("action_dim", 6), kwargs.get("fps", 30.0))
         kwargs["action_dim"] = trajectory.shape[1]
-        super().__init__(**kwargs)
+        super().__init__(action_range=(trajectory.min(axis=0), trajectory.max(axis=0)), **kwargs)
         self.trajectory = trajectory
         self._next_step = 0
         self._lock = threading.Lock()

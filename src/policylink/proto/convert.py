@@ -216,6 +216,8 @@ def frame_to_metadata(frame: Mapping[str, Any], session_id: str = "") -> pb.Meta
         action_space=str(frame.get("action_space") or ""),
         session_id=session_id,
         max_message_bytes=limit,
+        action_low=list(frame.get("action_low") or ()),
+        action_high=list(frame.get("action_high") or ()),
     )
 
 
@@ -235,5 +237,7 @@ def metadata_to_frame(message: pb.Metadata) -> dict[str, Any]:
         "camera_names": list(message.camera_names),
         "description": message.description,
         "action_space": message.action_space or "joint_position",
+        "action_low": list(message.action_low) or None,
+        "action_high": list(message.action_high) or None,
     })
     return {"status": message.status or "ready", **metadata.to_dict(), **server}

@@ -1,15 +1,23 @@
 """Export a recorded session as a LeRobot dataset, with LeRobot's own writer.
 
-Each episode of the session becomes an episode of the dataset: the recorded
-state is ``observation.state``, the executed action is ``action`` and each
-camera is ``observation.images.<camera>`` (stored as images, or as video with
-``video=True``). The dataset is written to a local folder only and loads back
-with ``LeRobotDataset(repo_id, root=out_dir)``.
+Each episode of the session becomes an episode of the dataset, one frame per
+recorded step in LeRobot's convention: frame ``t`` holds the observation at
+step ``t`` (``observation.state`` and ``observation.images.<camera>``; frame 0
+is the episode's reset observation) and ``action`` is the action executed at
+step ``t``, the one chosen from that observation. Cameras are stored as
+images, or as video with ``video=True``. The dataset is written to a local
+folder only and loads back with ``LeRobotDataset(repo_id, root=out_dir)``.
 
 Steps without an executed action (the loop held still) are left out. A step
 whose frame was dropped while recording reuses the camera's previous frame in
 its episode (or the episode's first saved one), so every row has every
-camera; the summary counts both.
+camera; the summary counts both, and what the recording itself dropped.
+
+Sessions of format 1 (recorded before policylink paired each action with the
+observation it was chosen from) hold, on each line, an action and the
+observation *after* it. They are realigned: action ``t`` is paired with the
+previous line's observation, and the first step of each episode, whose
+observation was never recorded, is left out.
 """
 
 from __future__ import annotations
@@ -24,15 +32,23 @@ from typing import Any
 import numpy as np
 
 from ..media import decode_jpeg
-from .session import LOG_FILE, METADATA_FILE
+from .session import FORMAT_VERSION, LOG_FILE, METADATA_FILE
 
-__all__ = ["export_lerobot", "read_session", "ExportSummary", "SessionError"]
+__all__ = ["export_lerobot", "read_session", "video_decoder", "ExportSummary", "SessionError", "VideoUnavailable"]
 
 logger = logging.getLogger("policylink.record")
 
 
+#: Video encoders tried for ``video=True``, in order: LeRobot's default (AV1), then H.264.
+VIDEO_CODECS = ("libsvtav1", "h264")
+
+
 class SessionError(ValueError):
     """A session folder is missing, incomplete or malformed."""
+
+
+class VideoUnavailable(RuntimeError):
+    """``video=True``, but no video encoder LeRobot's writer can use works here."""
 
 
 @dataclasses.dataclass
@@ -43,10 +59,30 @@ class ExportSummary:
     repo_id: str
     episodes: int = 0
     frames: int = 0
+    #: Recorded steps that became no frame: no executed action (the loop held still),
+    #: or, in a realigned format-1 session, the first step of each episode.
     skipped_steps: int = 0
+    #: Camera images that were dropped while recording, filled with the camera's previous frame.
     filled_frames: int = 0
+    #: Steps absent from the session's log (lines dropped while recording): gaps in the episodes.
+    missing_steps: int = 0
     fps: int = 0
     cameras: tuple[str, ...] = ()
+    #: The session's format version; below 2 it was realigned (see the module's documentation).
+    format_version: int = FORMAT_VERSION
+    realigned: bool = False
+    #: What the recorder counted as dropped (``metadata.json`` ``stats``): frames, step lines, chunk lines.
+    recorded_drops: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: With ``video=True``: the encoder used, and the backend LeRobot can decode the videos with here
+    #: (``None`` when none loads; ``video_note`` says why).
+    video_codec: str | None = None
+    video_backend: str | None = None
+    video_note: str = ""
+
+    def load_hint(self) -> str:
+        """The Python line that loads the dataset."""
+        extra = f", video_backend={self.video_backend!r}" if self.video_codec and self.video_backend not in (None, "torchcodec") else ""
+        return f"LeRobotDataset({self.repo_id!r}, root={str(self.root)!r}{extra})"
 
 
 def read_session(session_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -99,35 +135,52 @@ def export_lerobot(
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new output folder")
     metadata, lines = read_session(session)
-    steps = [line for line in lines if line.get("action") is not None and line.get("state") is not None]
-    if not steps:
+    version = _format_version(metadata)
+    episodes = _aligned_episodes(lines, realign=version < 2)
+    rows = [row for episode_rows in episodes for row in episode_rows]
+    if not rows:
         raise SessionError(f"{session} has no step with both a state and an executed action to export")
-    cameras = _cameras(steps)
-    rate = fps or _recorded_fps(metadata) or _measured_fps(steps)
-    summary = ExportSummary(root=out, repo_id=repo_id or f"local/{session.name}", fps=rate, cameras=tuple(cameras))
-    summary.skipped_steps = len(lines) - len(steps)
+    codec = _video_codec() if video else None  # refuse before anything is written
+    cameras = _cameras([row.observation for row in rows])
+    rate = fps or _recorded_fps(metadata) or _measured_fps([row.observation for row in rows])
+    summary = ExportSummary(
+        root=out, repo_id=repo_id or f"local/{session.name}", fps=rate, cameras=tuple(cameras), format_version=version, realigned=version < 2,
+    )
+    summary.skipped_steps = len(lines) - len(rows)
+    summary.missing_steps = _missing_steps(lines, metadata) if version >= 2 else 0
+    stats = metadata.get("stats") if isinstance(metadata.get("stats"), dict) else {}
+    summary.recorded_drops = {key: int(stats.get(key) or 0) for key in ("frames_dropped", "step_lines_dropped", "chunk_lines_dropped")}
+    if codec is not None:
+        summary.video_codec = codec
+        summary.video_backend, summary.video_note = video_decoder()
     default_task = task or _metadata_task(metadata) or "policylink session"
 
-    features = _features(steps[0], cameras, session, video)
+    features = _features(rows[0], cameras, session, video)
+    create_options: dict[str, Any] = {"vcodec": codec} if codec is not None else {}
+    if summary.video_backend is not None:
+        create_options["video_backend"] = summary.video_backend
     dataset = LeRobotDataset.create(
-        summary.repo_id, fps=rate, features=features, root=out, robot_type=robot_type or metadata.get("robot_type"), use_videos=video
+        summary.repo_id, fps=rate, features=features, root=out, robot_type=robot_type or metadata.get("robot_type"), use_videos=video, **create_options
     )
-    for episode_steps in _episodes(steps):
+    for episode_rows in episodes:
+        if not episode_rows:
+            continue
+        observations = [row.observation for row in episode_rows]
         last_frames: dict[str, np.ndarray] = {}
-        for line in episode_steps:
+        for row in episode_rows:
             frame: dict[str, Any] = {
-                "observation.state": np.asarray(line["state"], np.float32),
-                "action": np.asarray(line["action"], np.float32),
-                "task": line.get("task") or default_task,
+                "observation.state": np.asarray(row.observation["state"], np.float32),
+                "action": np.asarray(row.action, np.float32),
+                "task": row.observation.get("task") or default_task,
             }
             for camera in cameras:
-                path = _image_path(session, line, camera)
+                path = _image_path(session, row.observation, camera)
                 if path is not None:
                     last_frames[camera] = decode_jpeg(path.read_bytes())
                 else:
                     summary.filled_frames += 1
                     if camera not in last_frames:  # dropped at the episode's start: use its first saved frame
-                        last_frames[camera] = decode_jpeg(_first_image(session, episode_steps, camera).read_bytes())
+                        last_frames[camera] = decode_jpeg(_first_image(session, observations, camera).read_bytes())
                 frame[f"observation.images.{camera}"] = last_frames[camera]
             dataset.add_frame(frame)
             summary.frames += 1
@@ -137,16 +190,115 @@ def export_lerobot(
     return summary
 
 
-def _episodes(steps: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    """The steps of each episode number, episodes in order of first appearance.
+@dataclasses.dataclass
+class _Row:
+    """One frame of the dataset: the line holding the observation, and the action chosen from it."""
+
+    observation: dict[str, Any]
+    action: list[float]
+
+
+def _format_version(metadata: dict[str, Any]) -> int:
+    try:
+        version = int(metadata.get("format_version", 1))
+    except (TypeError, ValueError):
+        raise SessionError(f"metadata.json has a bad format_version: {metadata.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise SessionError(f"the session is of format {version}, newer than this policylink reads ({FORMAT_VERSION}); upgrade policylink")
+    return version
+
+
+def _aligned_episodes(lines: list[dict[str, Any]], realign: bool) -> list[list[_Row]]:
+    """Each episode's frames: (observation at step t, action executed at step t).
+
+    A line of a current session holds both. A line of a format-1 session
+    holds an action and the observation after it, so the observation an
+    action was chosen from is on the line before.
+    """
+    episodes: list[list[_Row]] = []
+    for episode_lines in _episodes(lines):
+        rows: list[_Row] = []
+        for index, line in enumerate(episode_lines):
+            observation = (episode_lines[index - 1] if index > 0 else None) if realign else line
+            if observation is not None and line.get("action") is not None and observation.get("state") is not None:
+                rows.append(_Row(observation, line["action"]))
+        episodes.append(rows)
+    return episodes
+
+
+def _missing_steps(lines: list[dict[str, Any]], metadata: dict[str, Any]) -> int:
+    """Steps an episode had but the log lacks (lines dropped while recording)."""
+    ended = {item.get("episode"): item.get("steps") for item in metadata.get("episodes") or [] if isinstance(item, dict)}
+    missing = 0
+    for episode_lines in _episodes(lines):
+        steps = {line.get("step") for line in episode_lines if isinstance(line.get("step"), int)}
+        if not steps:
+            continue
+        expected = max(max(steps) + 1, int(ended.get(episode_lines[0].get("episode")) or 0))
+        missing += expected - len(steps)
+    return missing
+
+
+def _episodes(lines: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """The lines of each episode number, episodes in order of first appearance.
 
     Grouping by number (not by consecutive runs) keeps episodes whole when
     several environments stepped in parallel and their lines interleave.
     """
     episodes: dict[Any, list[dict[str, Any]]] = {}
-    for line in steps:
+    for line in lines:
         episodes.setdefault(line.get("episode"), []).append(line)
     yield from episodes.values()
+
+
+def _video_codec() -> str:
+    """The first of :data:`VIDEO_CODECS` that PyAV (LeRobot's video writer) can encode with here."""
+    try:
+        import av
+    except ImportError as exc:
+        raise VideoUnavailable(f"--video needs PyAV, which LeRobot's dataset writer encodes videos with (pip install av): {exc}; export without --video to store images") from None
+    for codec in VIDEO_CODECS:
+        try:
+            av.codec.Codec(codec, "w")
+        except Exception:  # PyAV raises UnknownCodecError (a ValueError) or FFmpeg errors
+            continue
+        return codec
+    raise VideoUnavailable(
+        f"--video: the FFmpeg inside PyAV {av.__version__} has none of the encoders {', '.join(VIDEO_CODECS)}; export without --video to store images"
+    )
+
+
+def video_decoder() -> tuple[str | None, str]:
+    """The backend ``LeRobotDataset(..., video_backend=...)`` can decode videos with here, and a note on the others.
+
+    LeRobot picks ``torchcodec`` whenever it is installed, even where its
+    native library does not load; ``pyav`` (through torchvision) is the
+    fallback. Returns ``(None, why)`` when neither works.
+    """
+    problems = []
+    try:
+        import torchcodec.decoders  # noqa: F401  (loads the native library)
+    except Exception as exc:  # ImportError, or RuntimeError/OSError from the native library
+        problems.append(f"torchcodec does not load ({_first_line(exc)})")
+    else:
+        return "torchcodec", ""
+    try:
+        import av  # noqa: F401
+        import torchvision
+
+        if not hasattr(torchvision.io, "VideoReader"):
+            raise ImportError(f"torchvision {torchvision.__version__} has no io.VideoReader")
+    except Exception as exc:
+        problems.append(f"pyav through torchvision does not work ({_first_line(exc)})")
+        return None, "; ".join(problems)
+    return "pyav", "; ".join(problems)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's type and first sentence (native-library errors run to many lines)."""
+    text = str(exc).strip().splitlines()
+    first = text[0].split(". ")[0].rstrip(".:") if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _image_path(session: Path, line: dict[str, Any], camera: str) -> Path | None:
@@ -169,8 +321,8 @@ def _cameras(steps: list[dict[str, Any]]) -> list[str]:
     return list(names)
 
 
-def _features(first: dict[str, Any], cameras: list[str], session: Path, video: bool) -> dict[str, dict[str, Any]]:
-    state_dim, action_dim = len(first["state"]), len(first["action"])
+def _features(first: _Row, cameras: list[str], session: Path, video: bool) -> dict[str, dict[str, Any]]:
+    state_dim, action_dim = len(first.observation["state"]), len(first.action)
     features: dict[str, dict[str, Any]] = {
         "observation.state": {"dtype": "float32", "shape": (state_dim,), "names": [f"state_{i}" for i in range(state_dim)]},
         "action": {"dtype": "float32", "shape": (action_dim,), "names": [f"action_{i}" for i in range(action_dim)]},

@@ -22,9 +22,12 @@ class StepEvent:
     """One control tick."""
 
     episode: int
+    #: The tick within the episode: 0 for the first action, whose observation is the reset observation.
     step: int
     #: ``time.time()`` when the action was applied.
     time: float
+    #: The observation at this step, *before* the action: what the action was chosen against
+    #: (LeRobot's dataset convention: ``observation.*`` at t with ``action`` at t).
     observation: Observation
     #: The executed (filtered) action; ``None`` when the loop held still.
     action: np.ndarray | None
@@ -32,6 +35,7 @@ class StepEvent:
     chunk_id: int | None
     #: True when the action came from a chunk that arrived in time, False when held/stale.
     fresh: bool
+    #: What happened when the action was applied: its reward, and whether the episode succeeded or ended.
     reward: float = 0.0
     success: bool = False
     done: bool = False

@@ -23,11 +23,27 @@ chunk arrives at a later step, the actions for steps already past are
 dropped, exactly as many as elapsed. Overlapping chunks are combined by a
 :class:`~policylink.runtime.merging.MergeRule`.
 
-Safety: every chunk is validated before it is queued (a rejected chunk is
-reported and never executed); every action passes the safety filters; a
-chunk whose observation is older than the watchdog deadline is stale and
-rejected, and when no fresh action came for that long the loop reports a
-watchdog trip while it keeps holding the last safe command.
+Safety, with the default settings:
+
+- every chunk is validated before it is queued: its width (the policy's
+  action size), finite values, the policy's announced action range (the
+  checkpoint's statistics, widened by ``bounds_margin``), and the optional
+  checks of the :class:`~policylink.runtime.filters.ChunkValidator`; a rejected
+  chunk is reported and never executed, a chunk whose observation is older
+  than the watchdog deadline is stale and rejected;
+- every action passes the safety filters, then must have the robot's width,
+  is bounded to the environment's joint ranges, and after anything that broke
+  the stream of fresh actions (episode start, stall, watchdog trip, pause)
+  rejoins the trajectory no faster than :class:`~policylink.runtime.safety.ResumeRamp`
+  allows: never a jump;
+- failed requests back off; an episode whose first chunk keeps failing or
+  being rejected ends with an error after ``first_chunk_attempts``;
+- when no fresh action came for ``watchdog_s`` the watchdog trips and does
+  ``watchdog_action``: hold the last command, move to the ready pose, or stop
+  the robot (its safe stop, e.g. torque off) and end the episode.
+
+With no action range from the policy and none from the environment the
+executor refuses to start, unless told ``allow_unbounded=True``.
 
 The executor is a :class:`~policylink.runtime.events.LoopControl` (start /
 stop / reset from any thread) and calls its listeners from the control thread.
@@ -35,6 +51,7 @@ stop / reset from any thread) and calls its listeners from the control thread.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -50,15 +67,18 @@ from ..envs.base import Env, StepResult
 from ..types import Observation
 from .clock import Clock, RealTimeClock
 from .events import ChunkEvent, EpisodeEvent, LoopListener, StepEvent
-from .filters import ChunkRejected, ChunkValidator, FilterChain, ReadyPose
+from .filters import ActionMapping, ChunkRejected, ChunkValidator, FilterChain, ReadyPose
 from .merging import LatestOnly, MergeRule, make_merge_rule
+from .safety import DEFAULT_BOUNDS_MARGIN, ActionBounds, Backoff, ResumeRamp
 from .stats import LatencyEstimator, LoopStats
 
-__all__ = ["Executor", "ExecutorConfig", "MODES"]
+__all__ = ["Executor", "ExecutorConfig", "MODES", "WATCHDOG_ACTIONS"]
 
 logger = logging.getLogger("policylink.runtime")
 
 MODES = ("sync", "async")
+#: What the watchdog may do when it trips.
+WATCHDOG_ACTIONS = ("hold", "ready", "stop")
 
 #: Turns an observation into a ``(horizon, action_dim)`` chunk (``PolicyClient.infer``).
 InferFn = Callable[[Observation], Any]
@@ -87,6 +107,17 @@ class ExecutorConfig:
     send_step: bool = True
     #: Language instruction added to observations without one.
     task: str | None = None
+    #: What the watchdog does when it trips: ``hold`` the last command, move to the ``ready`` pose,
+    #: or ``stop`` the robot (the environment's safe stop, e.g. torque off) and end the episode.
+    watchdog_action: str = "hold"
+    #: Failed or rejected first chunks of an episode before it ends with an error.
+    first_chunk_attempts: int = 10
+    #: Chunks may leave the policy's announced action range by this fraction of it (each side).
+    bounds_margin: float = DEFAULT_BOUNDS_MARGIN
+    #: After an interruption the command rejoins the trajectory at most this much per joint per tick;
+    #: ``None``: ``resume_factor`` times the largest per-tick change seen in normal running.
+    resume_max_delta: float | None = None
+    resume_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,6 +130,12 @@ class ExecutorConfig:
             raise ValueError(f"threshold must be in [0, 1), got {self.threshold}")
         if self.watchdog_s <= 0:
             raise ValueError(f"watchdog_s must be positive, got {self.watchdog_s}")
+        if self.watchdog_action not in WATCHDOG_ACTIONS:
+            raise ValueError(f"watchdog_action must be one of {WATCHDOG_ACTIONS}, got {self.watchdog_action!r}")
+        if self.first_chunk_attempts < 1:
+            raise ValueError(f"first_chunk_attempts must be at least 1, got {self.first_chunk_attempts}")
+        if self.bounds_margin < 0:
+            raise ValueError(f"bounds_margin must not be negative, got {self.bounds_margin}")
         if isinstance(self.merge, str):
             self.merge = make_merge_rule(self.merge)
 
@@ -121,6 +158,12 @@ class Executor:
     :class:`~policylink.runtime.clock.RealTimeClock` at ``config.fps``; pass a
     :class:`~policylink.runtime.clock.SteppedClock` in simulation.
 
+    Chunks outside ``bounds`` (default: the range the policy announces in
+    its metadata, widened by ``config.bounds_margin``; ignored with
+    ``use_policy_bounds=False``) are refused; every command is clipped to
+    ``robot_bounds`` (default: the environment's joint ranges). Without
+    either, construction fails unless ``allow_unbounded=True``.
+
     >>> executor = Executor(client, FakeEnv("bimanual"), ExecutorConfig(mode="async"))  # doctest: +SKIP
     >>> executor.run(episodes=1)                                                        # doctest: +SKIP
     """
@@ -137,6 +180,10 @@ class Executor:
         ready_pose: ReadyPose | None = None,
         listeners: Iterable[LoopListener] = (),
         latency: LatencyEstimator | None = None,
+        bounds: ActionBounds | tuple[Any, Any] | None = None,
+        robot_bounds: ActionBounds | tuple[Any, Any] | None = None,
+        use_policy_bounds: bool = True,
+        allow_unbounded: bool = False,
     ) -> None:
         self.config = config or ExecutorConfig()
         self.env = env
@@ -144,12 +191,37 @@ class Executor:
         self._policy_reset: Callable[[], Any] | None = getattr(policy, "reset", None)
         self.clock: Clock = clock or RealTimeClock(self.config.fps)
         self.filters = filters if isinstance(filters, FilterChain) else FilterChain(filters)
-        self.validator = validator or ChunkValidator()
         self.ready_pose = ready_pose
+        self._mapping = next((f for f in self.filters.filters if isinstance(f, ActionMapping)), None)
+        #: Width of the policy's actions: the mapping's input, else the environment's action size.
+        self.policy_dim = len(self._mapping.indices) if self._mapping is not None else env.action_dim
+        self.validator = validator or ChunkValidator()
+        if self.validator.action_dim is None:
+            self.validator.action_dim = self.policy_dim
+        if self._mapping is not None:
+            self.validator.indices = self._mapping.indices
+        #: Chunks outside this range (the policy's, widened) are refused; commands are clipped to ``robot_bounds``.
+        self.bounds = _bounds(bounds, "bounds", self.policy_dim)
+        if self.bounds is None and use_policy_bounds:
+            self.bounds = ActionBounds.from_metadata(_metadata(policy), self.config.bounds_margin)
+        self.robot_bounds = _bounds(robot_bounds if robot_bounds is not None else env.action_bounds(), "robot bounds", env.action_dim)
+        if self.bounds is not None and self.bounds.dim != self.policy_dim:
+            raise ValueError(f"the policy announces bounds for {self.bounds.dim} values per action, but its actions have {self.policy_dim}")
+        if self.bounds is None and self.robot_bounds is None and not allow_unbounded:
+            raise ValueError(
+                "no action bounds known: the policy announces no action range and the environment no joint ranges; "
+                "give bounds=(low, high) (CLI: --filter.limits LOW,HIGH), or allow_unbounded=True (CLI: --allow-unbounded)"
+            )
+        self._check_watchdog_action(env)
+        self._ramp = ResumeRamp(self.config.resume_factor, window=max(2, round(2 * self.clock.fps)),
+                                max_delta=self.config.resume_max_delta, floor=self._ramp_floor())
+        self._backoff = Backoff()
+        self._retry_at = 0.0
         self.listeners: list[LoopListener] = list(listeners)
         self.latency = latency or LatencyEstimator()
         self.stats = LoopStats(fps=self.clock.fps)
-        self.episode_results: list[dict[str, Any]] = []
+        #: The last episodes' results (bounded: a robot may run episodes all day).
+        self.episode_results: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self._merge: MergeRule = self.config.merge if not isinstance(self.config.merge, str) else LatestOnly()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policylink-request")
         # Operator controls, set from any thread.
@@ -178,6 +250,21 @@ class Executor:
         self._tripped = False
         self._last_roundtrip_ms = 0.0
         self._last_server_timing: dict[str, float] = {}
+        self._episode_error: str | None = None
+        self._stop_episode = False
+
+    def _check_watchdog_action(self, env: Env) -> None:
+        action = self.config.watchdog_action
+        if action == "ready" and self.ready_pose is None:
+            raise ValueError("watchdog_action 'ready' needs a ready pose (ready_pose=ReadyPose(...); CLI: --ready-pose)")
+        if action == "stop" and type(env).safe_stop is Env.safe_stop:
+            raise ValueError(f"watchdog_action 'stop' needs an environment with a safe stop; {env.name} has none")
+
+    def _ramp_floor(self) -> Any:
+        """The slowest the resume ramp moves: 0.5 % of each joint's range per tick (when the range is known)."""
+        if self.robot_bounds is not None:
+            return np.maximum(0.005 * self.robot_bounds.width, 1e-4)
+        return 1e-4
 
     # -- listeners ---------------------------------------------------------
 
@@ -291,12 +378,17 @@ class Executor:
         self._last_command = self._last_raw = None
         self._last_chunk_id = None
         self._tripped = False
+        self._episode_error = None
+        self._stop_episode = False
+        self._ramp.interrupt()  # the first command rejoins the robot's state, never jumps
+        self._backoff.succeeded()
+        self._retry_at = 0.0
         if self.ready_pose is not None:
             self._move_to_ready_pose()
         if self._wait_first_chunk():
             self._state = "running"
             while not ended and not self._quit.is_set():
-                if self._reset_requested.is_set():
+                if self._reset_requested.is_set() or self._stop_episode:
                     break
                 if not self._running.is_set():
                     self._pause()
@@ -310,6 +402,11 @@ class Executor:
         if self._reset_requested.is_set():  # also while waiting for the first chunk or paused
             self._reset_requested.clear()
             info["reason"] = "operator reset"
+        if self._stop_episode:
+            info["reason"] = "watchdog stop"
+        if self._episode_error is not None:
+            info["error"] = self._episode_error
+            logger.error("episode %d ended: %s", self.episode, self._episode_error)
         self.stats.end_episode()
         self.stats.episodes += 1
         event = EpisodeEvent(self.episode, started=False, steps=self.step, success=success, total_reward=total_reward, info=info)
@@ -325,23 +422,26 @@ class Executor:
             self._request()
             self._collect()
         action, chunk_id = self._pop()
-        stalled = action is None
+        command = None if action is None else self._command_for(action)
+        stalled = command is None
         if stalled:
-            self._note_stall(now)
-            command = self._last_command
+            command = self._stalled_command(now)
+            chunk_id = None
         else:
             self._last_fresh_time = now
             self._tripped = False
+            assert action is not None
             self._record_boundary(action, chunk_id)
-            command = self.filters(action)
-            self._last_command = command
+        self._last_command = command
         self.stats.tick(now, stalled)
+        # Step t pairs the observation at t (what the action was chosen against) with action t, as LeRobot's datasets do.
+        step, observation = self.step, self._obs
         result = self.env.step(command) if command is not None else StepResult(self._obs)
         self.step += 1
         self._obs = result.observation
         latencies = {"roundtrip_ms": self._last_roundtrip_ms, **self._last_server_timing}
         self._emit("on_step", StepEvent(
-            self.episode, self.step, time.time(), result.observation, command, chunk_id, not stalled,
+            self.episode, step, time.time(), observation, command, chunk_id, not stalled,
             result.reward, result.success, result.done, latencies,
         ))
         return result
@@ -359,7 +459,7 @@ class Executor:
         self._pending = _Request(future, self._chunk_counter, self.step, self.clock.ticks, self.clock.now(), self._generation)
 
     def _should_request(self) -> bool:
-        if self._pending is not None:
+        if self._pending is not None or self.clock.now() < self._retry_at:
             return False
         queued = len(self._queue)
         if self.config.mode == "sync":
@@ -375,23 +475,27 @@ class Executor:
             trigger = max(trigger, math.ceil(estimate * self.clock.fps) + 1)
         return trigger
 
-    def _collect(self) -> None:
-        """Use the pending reply if it has arrived (by the clock's rule)."""
+    def _collect(self) -> str | None:
+        """Use the pending reply if it has arrived (by the clock's rule); why it was unusable, if it was."""
         pending = self._pending
         if pending is None or not self.clock.arrived(pending.future, pending.sent_tick):
-            return
+            return None
         self._pending = None
         if pending.generation != self._generation:
-            return  # a reply for an earlier episode or before a pause
+            return None  # a reply for an earlier episode or before a pause
         try:
             chunk = pending.future.result()
         except Exception as exc:
             self.stats.errors += 1
-            logger.warning("request for chunk %d failed: %s", pending.chunk_id, exc)
-            return
-        self._accept(pending, chunk)
+            reason = f"request for chunk {pending.chunk_id} failed: {type(exc).__name__}: {exc}"
+            self._retry_at = self.clock.now() + self._backoff.failed()
+            if _worth_logging(self._backoff.failures):  # a failing server is reported, not logged 30 times a second
+                logger.warning("%s (%d in a row; next try in %.2f s)", reason, self._backoff.failures, self._retry_at - self.clock.now())
+            return reason
+        self._backoff.succeeded()
+        return self._accept(pending, chunk)
 
-    def _accept(self, pending: _Request, chunk: Any) -> None:
+    def _accept(self, pending: _Request, chunk: Any) -> str | None:
         actions = np.asarray(chunk, dtype=np.float32)
         reply = getattr(chunk, "reply", {}) or {}
         roundtrip_ms = float((reply.get("client_timing") or {}).get("roundtrip_ms", 0.0))
@@ -404,6 +508,7 @@ class Executor:
         reason = ""
         try:
             self.validator.check(actions, self._current_state())
+            self._check_bounds(actions)
             if age > self.config.watchdog_s:
                 self.stats.stale_chunks += 1
                 raise ChunkRejected(f"stale: its observation is {age:.2f} s old, the watchdog deadline is {self.config.watchdog_s:.2f} s")
@@ -414,9 +519,23 @@ class Executor:
         self._emit("on_chunk", ChunkEvent(
             self.episode, pending.chunk_id, pending.obs_step, actions, not reason, reason, self._last_roundtrip_ms, server_timing,
         ))
-        if not reason:
-            self.stats.chunks += 1
-            self._enqueue(actions, pending)
+        if reason:
+            return f"chunk {pending.chunk_id} rejected: {reason}"
+        self.stats.chunks += 1
+        self._enqueue(actions, pending)
+        return None
+
+    def _check_bounds(self, actions: np.ndarray) -> None:
+        """Refuse a chunk that leaves the policy's action range (checked after the validator: shape and values are sane)."""
+        if self.bounds is None:
+            return
+        where = self.bounds.outside(actions)
+        if where is not None:
+            step, joint = where
+            raise ChunkRejected(
+                f"outside the policy's action range: {actions[step, joint]:.4g} at step {step}, joint {joint} "
+                f"(allowed [{self.bounds.low[joint]:.4g}, {self.bounds.high[joint]:.4g}])"
+            )
 
     def _enqueue(self, actions: np.ndarray, pending: _Request) -> None:
         self._chunk_length = len(actions)
@@ -442,6 +561,7 @@ class Executor:
                 merged = np.concatenate([merged, self._queue[len(actions):]])
                 counts = np.concatenate([counts, self._counts[len(actions):]])
         self._queue, self._counts, self._queue_chunk = merged, counts, pending.chunk_id
+        self._ramp.new_chunk(self._in_robot_space(actions))
 
     def _pop(self) -> tuple[np.ndarray | None, int | None]:
         if len(self._queue) == 0:
@@ -455,8 +575,14 @@ class Executor:
         self._counts = np.zeros(0, np.int64)
 
     def _wait_first_chunk(self) -> bool:
-        """Block (no ticks) until the episode's first chunk is queued; False if told to quit or reset."""
+        """Block (no ticks) until the episode's first chunk is queued.
+
+        False if told to quit or reset, or after ``first_chunk_attempts``
+        failed or rejected chunks (then :attr:`_episode_error` says why).
+        Between attempts it waits longer and longer.
+        """
         self._state = "waiting"
+        backoff = Backoff()
         while len(self._queue) == 0:
             if self._quit.is_set() or self._reset_requested.is_set():
                 return False
@@ -468,15 +594,29 @@ class Executor:
             concurrent.futures.wait([pending.future], timeout=0.1)
             if not pending.future.done():
                 continue
-            if pending.future.exception() is not None:
-                time.sleep(0.05)  # do not spin against a failing server; _collect counts and logs it
             # The first chunk's delay is not simulated: the robot waits for it.
             pending.sent_tick = self.clock.ticks - getattr(self.clock, "latency_steps", 0)
             pending.sent_time = self.clock.now()
-            self._collect()
+            problem = self._collect()
+            if problem is None:
+                continue
+            if backoff.failures + 1 >= self.config.first_chunk_attempts:
+                self._episode_error = f"no usable first chunk after {self.config.first_chunk_attempts} attempts; the last: {problem}"
+                return False
+            if self._interruptible_wait(backoff.failed()):
+                return False
         self.clock.restart()
         self._last_fresh_time = self.clock.now()
+        self._retry_at = 0.0
         return True
+
+    def _interruptible_wait(self, seconds: float) -> bool:
+        """Wait (wall time) unless told to quit or reset; True if told."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._quit.wait(min(0.05, max(0.0, deadline - time.monotonic()))) or self._reset_requested.is_set():
+                return True
+        return self._quit.is_set() or self._reset_requested.is_set()
 
     def _pause(self) -> None:
         self._state = "paused"
@@ -487,29 +627,100 @@ class Executor:
         self._generation += 1
         self._pending = None
         self._clear_queue()
-        self._wait_first_chunk()
+        self._ramp.interrupt()
+        if not self._wait_first_chunk() and self._episode_error is not None:
+            self._stop_episode = True
         self._state = "running"
 
     def _move_to_ready_pose(self) -> None:
+        """Ramp to the ready pose through the robot-space filters and bounds; a pause waits, a reset or quit ends it."""
         assert self.ready_pose is not None
         self._state = "ready"
         self.clock.restart()
-        for command in self.ready_pose.ramp(self._current_state()):
-            if self._quit.is_set():
+        robot_filters = self.filters.after(self._mapping) if self._mapping is not None else self.filters
+        for target in self.ready_pose.ramp(self._current_state()):
+            while not self._running.is_set():  # paused: hold still until started again
+                if self._quit.wait(0.05) or self._reset_requested.is_set():
+                    return
+            if self._quit.is_set() or self._reset_requested.is_set():
                 return
             self.clock.wait_tick()
+            command = robot_filters(target)
+            if self.robot_bounds is not None:
+                command = self.robot_bounds.clip(command)
             self._obs = self.env.step(command).observation
             self._last_command = command
         self.filters.reset(self._current_state() if self._current_state() is not None else self._last_command)
+        self.clock.restart()
 
     # -- safety and statistics ---------------------------------------------------
 
-    def _note_stall(self, now: float) -> None:
+    def _command_for(self, action: np.ndarray) -> np.ndarray | None:
+        """The command for a fresh action: filters, the robot's width, the resume ramp, the robot's bounds.
+
+        ``None`` when the action cannot become a command (a filter refused
+        it, or it has the wrong width): the tick then holds, and it is reported.
+        """
+        try:
+            command = np.asarray(self.filters(action), dtype=np.float32)
+        except Exception as exc:  # e.g. a mapping given the wrong width: hold, report, never crash
+            self._bad_command(f"the safety filters refused an action: {type(exc).__name__}: {exc}")
+            return None
+        if command.shape != (self.env.action_dim,):
+            self._bad_command(f"a command of shape {command.shape} for a robot that takes ({self.env.action_dim},)")
+            return None
+        if not np.all(np.isfinite(command)):
+            self._bad_command("a non-finite command after the filters")
+            return None
+        previous = self._last_command if self._last_command is not None else self._current_state()
+        command = self._ramp(command, previous)
+        if self.robot_bounds is not None:
+            command = self.robot_bounds.clip(command)
+        return command
+
+    def _bad_command(self, reason: str) -> None:
+        self.stats.rejected_commands += 1
+        if _worth_logging(self.stats.rejected_commands):
+            logger.warning("holding instead of sending %s (%d so far)", reason, self.stats.rejected_commands)
+
+    def _stalled_command(self, now: float) -> np.ndarray | None:
+        """What to send on a tick without a fresh action: the watchdog's decision."""
+        self._ramp.interrupt()  # whatever comes next rejoins from where the robot is held
         if not self._tripped and now - self._last_fresh_time > self.config.watchdog_s:
             self._tripped = True
             self.stats.watchdog_trips += 1
-            logger.warning("watchdog: no fresh action for %.2f s; holding the last command", now - self._last_fresh_time)
+            self._trip(now - self._last_fresh_time)
         self._state = "holding" if self._tripped else "running"
+        if self._tripped and self.config.watchdog_action == "ready" and self.ready_pose is not None:
+            return self._towards_ready_pose()
+        return self._last_command
+
+    def _trip(self, silent_s: float) -> None:
+        action = self.config.watchdog_action
+        logger.warning("watchdog: no fresh action for %.2f s; %s", silent_s,
+                       {"hold": "holding the last command", "ready": "moving to the ready pose", "stop": "stopping the robot"}[action])
+        if action == "stop":
+            self.env.safe_stop()
+            self._stop_episode = True
+
+    def _towards_ready_pose(self) -> np.ndarray | None:
+        """One bounded step from the held command towards the ready pose."""
+        assert self.ready_pose is not None
+        previous = self._last_command if self._last_command is not None else self._current_state()
+        target = self.ready_pose.pose
+        if previous is None or previous.shape != target.shape:
+            return self._last_command
+        step = self._ramp.step(target.size)
+        command = (previous + np.clip(target - previous, -step, step)).astype(np.float32)
+        return self.robot_bounds.clip(command) if self.robot_bounds is not None else command
+
+    def _in_robot_space(self, actions: np.ndarray) -> np.ndarray:
+        """Policy-space actions placed where the mapping puts them (for per-tick change estimates)."""
+        if self._mapping is None:
+            return actions
+        placed = np.zeros((len(actions), self.env.action_dim), np.float32)
+        placed[:, self._mapping.indices] = actions
+        return placed
 
     def _record_boundary(self, action: np.ndarray, chunk_id: int | None) -> None:
         if self._last_raw is not None and chunk_id != self._last_chunk_id:
@@ -537,3 +748,28 @@ class Executor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _metadata(policy: Any) -> Any:
+    """The policy's metadata (a :class:`~policylink.client.PolicyClient`'s), if it has any."""
+    try:
+        return getattr(policy, "metadata", None)
+    except Exception as exc:  # a client that cannot reach its server: no announced range
+        logger.warning("could not read the policy's metadata for its action range: %s", exc)
+        return None
+
+
+def _bounds(value: Any, what: str, dim: int) -> ActionBounds | None:
+    if value is None or isinstance(value, ActionBounds):
+        bounds = value
+    else:
+        low, high = value
+        bounds = ActionBounds(np.broadcast_to(np.asarray(low, np.float32), (dim,)), np.broadcast_to(np.asarray(high, np.float32), (dim,)))
+    if bounds is not None and bounds.dim != dim:
+        raise ValueError(f"{what} have {bounds.dim} values, expected {dim}")
+    return bounds
+
+
+def _worth_logging(count: int) -> bool:
+    """Log the 1st, 2nd, 4th, 8th... occurrence of a repeated problem."""
+    return count & (count - 1) == 0

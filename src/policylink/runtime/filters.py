@@ -45,14 +45,27 @@ class ActionFilter(Protocol):
 
 
 class FilterChain:
-    """Applies filters in order; an empty chain passes actions through."""
+    """Applies filters in order; an empty chain passes actions through.
+
+    Filters before an :class:`ActionMapping` work in the policy's action space
+    and are reset with the robot state's joints that the policy drives;
+    filters after it work in the robot's space and get the whole state.
+    """
 
     def __init__(self, filters: Iterable[ActionFilter] = ()) -> None:
         self.filters = list(filters)
 
     def reset(self, state: np.ndarray | None) -> None:
+        mapping = next((f for f in self.filters if isinstance(f, ActionMapping)), None)
         for action_filter in self.filters:
-            action_filter.reset(state)
+            if mapping is not None and action_filter is not mapping and self.filters.index(action_filter) < self.filters.index(mapping):
+                action_filter.reset(mapping.policy_part(state))
+            else:
+                action_filter.reset(state)
+
+    def after(self, action_filter: ActionFilter) -> FilterChain:
+        """The filters that follow ``action_filter`` (e.g. those that act in the robot's space after a mapping)."""
+        return FilterChain(self.filters[self.filters.index(action_filter) + 1:])
 
     def __call__(self, action: np.ndarray) -> np.ndarray:
         for action_filter in self.filters:
@@ -162,13 +175,16 @@ class ActionMapping:
     """Places the policy's action into a larger robot vector, holding the other joints.
 
     ``indices[i]`` is the robot joint that policy value ``i`` drives. Every
-    other joint holds ``defaults`` where given (a configured pose), else its
-    value from the robot state at reset (its last position), else 0.
+    other joint holds ``defaults`` where given (a configured pose), or the
+    value ``hold`` gives it, else its value from the robot state at reset (its
+    last position), else 0.
 
-    >>> mapping = ActionMapping(robot_dim=22, indices=range(16))   # 16 -> 22
+    >>> mapping = ActionMapping(robot_dim=22, indices=range(16), hold={16: 0.0})   # 16 -> 22, joint 16 at 0
     """
 
-    def __init__(self, robot_dim: int, indices: Iterable[int], defaults: Sequence[float] | np.ndarray | None = None) -> None:
+    def __init__(
+        self, robot_dim: int, indices: Iterable[int], defaults: Sequence[float] | np.ndarray | None = None, hold: dict[int, float] | None = None,
+    ) -> None:
         self.robot_dim = robot_dim
         self.indices = np.asarray(list(indices), dtype=np.intp)
         if len(set(self.indices.tolist())) != len(self.indices):
@@ -178,13 +194,30 @@ class ActionMapping:
         self.defaults = None if defaults is None else np.asarray(defaults, dtype=np.float32)
         if self.defaults is not None and self.defaults.shape != (robot_dim,):
             raise ValueError(f"defaults must have {robot_dim} values, got {self.defaults.shape}")
+        self.hold = {int(joint): float(value) for joint, value in (hold or {}).items()}
+        driven = set(self.indices.tolist())
+        for joint in self.hold:
+            if not 0 <= joint < robot_dim or joint in driven:
+                raise ValueError(f"held joint {joint} must be a robot joint in [0, {robot_dim}) that the policy does not drive")
         self._held = np.zeros(robot_dim, np.float32) if self.defaults is None else self.defaults.copy()
+        self._apply_holds()
+
+    def _apply_holds(self) -> None:
+        for joint, value in self.hold.items():
+            self._held[joint] = value
+
+    def policy_part(self, state: np.ndarray | None) -> np.ndarray | None:
+        """The joints of a robot ``state`` that the policy drives, in the policy's order (``None`` if unknown)."""
+        if state is None or np.shape(state) != (self.robot_dim,):
+            return None
+        return np.asarray(state, dtype=np.float32)[self.indices]
 
     def reset(self, state: np.ndarray | None) -> None:
         if self.defaults is not None:
             self._held = self.defaults.copy()
         elif state is not None and np.shape(state) == (self.robot_dim,):
             self._held = np.asarray(state, dtype=np.float32).copy()
+        self._apply_holds()
 
     def __call__(self, action: np.ndarray) -> np.ndarray:
         action = np.asarray(action, dtype=np.float32)
@@ -236,6 +269,9 @@ class ChunkValidator:
         self.action_dim = action_dim
         self.limits = limits
         self.max_jump = max_jump
+        #: Robot joints the policy's values drive (set when an :class:`ActionMapping` places them): the jump
+        #: check then compares in the robot's space.
+        self.indices: np.ndarray | None = None
 
     def check(self, chunk: np.ndarray, state: np.ndarray | None = None) -> None:
         """Raise :class:`ChunkRejected` naming the first problem found."""
@@ -252,7 +288,12 @@ class ChunkValidator:
             if outside.any():
                 step, joint = np.argwhere(outside)[0]
                 raise ChunkRejected(f"chunk leaves the joint limits: {chunk[step, joint]:.4g} at step {step}, joint {joint}")
-        if self.max_jump is not None and state is not None and np.shape(state) == chunk.shape[1:]:
-            jump = float(np.max(np.abs(chunk[0] - np.asarray(state, dtype=np.float32))))
+        if self.max_jump is not None and state is not None:
+            state = np.asarray(state, dtype=np.float32)
+            if self.indices is not None and state.ndim == 1 and state.size > int(np.max(self.indices, initial=-1)):
+                state = state[self.indices]  # the robot joints the policy drives
+            if state.shape != chunk.shape[1:]:
+                raise ChunkRejected(f"cannot check the jump: the state has shape {state.shape}, the actions {chunk.shape[1:]}")
+            jump = float(np.max(np.abs(chunk[0] - state)))
             if jump > self.max_jump:
                 raise ChunkRejected(f"chunk starts {jump:.4g} away from the current state (jump bound {self.max_jump:.4g})")

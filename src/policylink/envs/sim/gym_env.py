@@ -64,6 +64,14 @@ class GymEnv(Env):
         self.action_dim = int(np.prod(self._env.action_space.shape))
         self._last: Observation | None = None
 
+    def action_bounds(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The simulator's action space, when it is a finite box."""
+        space = self._env.action_space
+        low, high = getattr(space, "low", None), getattr(space, "high", None)
+        if low is None or high is None or not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+            return None
+        return np.asarray(low, np.float32).reshape(-1), np.asarray(high, np.float32).reshape(-1)
+
     def gym_options(self) -> dict[str, Any]:
         """Default keyword arguments for ``gymnasium.make``."""
         return {}

@@ -5,11 +5,13 @@
 const COLORS = ["#58a6ff", "#f0883e", "#3fb950", "#d2a8ff", "#f85149", "#e3b341", "#39c5cf", "#ff7b72",
                 "#a5d6ff", "#ffa657", "#7ee787", "#bc8cff"];
 const $ = (id) => document.getElementById(id);
+// This monitor session's token (the server writes it into the page): every button press sends it.
+const TOKEN = document.querySelector('meta[name="policylink-token"]')?.content || "";
 
 // What the page knows; exposed as window.monitor for tests and for the curious.
 const monitor = {
-  config: { window_s: 10, fps: null, controls: false },
-  samples: [],        // {t, step, episode, state, action, fresh}
+  config: { window_s: 10, fps: null, controls: false, replay: false },
+  samples: [],        // {t, step, episode, state, action, fresh, recorded (replay only)}
   latencies: [],      // {t, roundtrip_ms, infer_ms}
   chunk: null,        // the latest chunk: {chunk_id, obs_step, actions, t}
   updates: 0,
@@ -17,10 +19,12 @@ const monitor = {
   plotsDrawn: 0,
   lastStatus: null,
   lastLoop: null,
+  refused: null,      // requests the monitor refused: {total, by_reason, last}
 };
 window.monitor = monitor;
 
-const cameras = {};   // name -> {img, shownSeq, loading}
+// name -> {img, shownSeq, loading}. A Map: a camera may be called "constructor" or "__proto__".
+const cameras = new Map();
 
 function connect() {
   const events = new EventSource("/events");
@@ -28,13 +32,28 @@ function connect() {
     Object.assign(monitor.config, JSON.parse(e.data));
     $("title").textContent = monitor.config.title || "policylink monitor";
     document.title = $("title").textContent;
-    for (const id of ["btn-start", "btn-stop", "btn-reset"]) $(id).disabled = !monitor.config.controls;
+    enableButtons(monitor.config.controls);
     const info = monitor.config.info || {};
     $("message").textContent = Object.entries(info).map(([k, v]) => `${k}: ${v}`).join(" · ");
+    showReplay(monitor.config.replay);
   });
   events.addEventListener("update", (e) => onUpdate(JSON.parse(e.data)));
   events.onopen = () => $("conn").classList.add("live");
   events.onerror = () => $("conn").classList.remove("live");  // EventSource reconnects by itself
+}
+
+function enableButtons(controls) {
+  monitor.config.controls = Boolean(controls);
+  for (const id of ["btn-start", "btn-stop", "btn-reset"]) $(id).disabled = !controls;
+}
+
+// A replayed episode: the recorded actions are drawn dotted, and |served - recorded| is in the status.
+function showReplay(replay) {
+  monitor.config.replay = Boolean(replay);
+  $("replay-stat").hidden = !replay;
+  $("action-title").textContent = replay
+    ? "Executed action · recorded (dotted) · latest chunk (dashed, ahead of now)"
+    : "Executed action · latest chunk (dashed, ahead of now)";
 }
 
 function onUpdate(msg) {
@@ -48,7 +67,11 @@ function onUpdate(msg) {
   while (monitor.latencies.length && monitor.latencies[0].t < oldest) monitor.latencies.shift();
   monitor.lastStatus = msg.status;
   monitor.lastLoop = msg.loop;
+  monitor.refused = msg.refused || null;
+  // The page connected before the loop was attached: the loop's status says the buttons work now.
+  if (!monitor.config.controls && msg.loop && Object.keys(msg.loop).length) enableButtons(true);
   showStatus(msg.status, msg.loop);
+  showWarnings(msg.status, msg.refused);
   showFrames(msg.frames);
   draw(newest);
 }
@@ -66,14 +89,30 @@ function showStatus(status, loop) {
   const infer = lat.infer_ms ?? last.infer_ms;
   $("latency").textContent = roundtrip === undefined ? "–" : roundtrip.toFixed(1);
   $("infer").textContent = infer === undefined ? "–" : infer.toFixed(1);
+  const replay = status.replay;
+  if (replay && !monitor.config.replay) showReplay(true);  // the page connected before the replay was attached
+  if (replay && replay.steps) {
+    $("replay-error").textContent = `${replay.mean_abs_error.toFixed(4)} (max ${replay.max_abs_error.toFixed(4)})`;
+  } else if (replay) {
+    $("replay-error").textContent = "–";
+  }
   // The loop's own state word (running, paused, waiting...) when it has one.
   if (loop && loop.state) $("running").textContent = loop.state;
   else if (loop && "running" in loop) $("running").textContent = loop.running ? "running" : "stopped";
 }
 
+// What the operator should know: requests the monitor refused, cameras it cannot show.
+function showWarnings(status, refused) {
+  const lines = [];
+  if (refused && refused.total) lines.push(`refused ${refused.total} request(s) not from this page; last: ${refused.last}`);
+  for (const [name, why] of Object.entries((status && status.cameras_refused) || {})) lines.push(`camera ${name} not shown: ${why}`);
+  const text = lines.join(" · ");
+  if ($("warnings").textContent !== text) $("warnings").textContent = text;
+}
+
 function showFrames(frames) {
   for (const [name, seq] of Object.entries(frames || {})) {
-    let cam = cameras[name];
+    let cam = cameras.get(name);
     if (!cam) {
       $("no-camera")?.remove();
       const figure = document.createElement("figure");
@@ -84,7 +123,8 @@ function showFrames(frames) {
       caption.textContent = name;
       figure.append(img, caption);
       $("cameras").append(figure);
-      cam = cameras[name] = { img, shownSeq: -1, loading: false };
+      cam = { img, shownSeq: -1, loading: false };
+      cameras.set(name, cam);
       img.onload = () => { cam.loading = false; monitor.framesLoaded += 1; };
       img.onerror = () => { cam.loading = false; };
     }
@@ -92,6 +132,7 @@ function showFrames(frames) {
     if (seq !== cam.shownSeq && !cam.loading) {
       cam.loading = true;
       cam.shownSeq = seq;
+      // Percent-encoded: slashes, "..", spaces, quotes and non-ASCII names all stay one path segment.
       cam.img.src = `/frame/${encodeURIComponent(name)}.jpg?seq=${seq}`;
     }
   }
@@ -124,6 +165,8 @@ function draw(now) {
   plot($("plot-state"), range, now, [{ points: monitor.samples.filter((s) => s.state).map((s) => ({ t: s.t, v: s.state })) }], joints((last.state || []).length));
   plot($("plot-action"), range, now, [
     { points: monitor.samples.filter((s) => s.action).map((s) => ({ t: s.t, v: s.action })) },
+    // A replayed episode: the recorded action each executed one is compared with.
+    { points: monitor.samples.filter((s) => s.recorded).map((s) => ({ t: s.t, v: s.recorded })), dotted: true },
     { points: chunkLines || [], dashed: true },
   ], joints((last.action || []).length));
   plot($("plot-latency"), range, now, [
@@ -158,8 +201,8 @@ function plot(canvas, [t0, t1], now, series, legend = []) {
   g.fillText(`-${(now - t0).toFixed(0)} s`, left, height - 2);
   for (const s of series) {
     const dims = s.points.length ? s.points[0].v.length : 0;
-    g.setLineDash(s.dashed ? [5, 4] : []);
-    g.lineWidth = s.dashed ? 1.2 : 1.5;
+    g.setLineDash(s.dashed ? [5, 4] : s.dotted ? [1.5, 3] : []);
+    g.lineWidth = s.dashed || s.dotted ? 1.2 : 1.5;
     for (let d = 0; d < dims; d++) {
       g.strokeStyle = g.fillStyle = COLORS[d % COLORS.length];
       g.beginPath();
@@ -190,7 +233,7 @@ function plot(canvas, [t0, t1], now, series, legend = []) {
 
 async function act(action) {
   try {
-    const response = await fetch(`/api/${action}`, { method: "POST" });
+    const response = await fetch(`/api/${action}`, { method: "POST", headers: { "X-Policylink-Token": TOKEN } });
     const body = await response.json();
     $("message").textContent = response.ok ? `${action}: ok` : `${action}: ${body.error}`;
     if (body.loop) showStatus(monitor.lastStatus || { episode: "–", step: "–", loop_hz: 0 }, body.loop);

@@ -88,7 +88,7 @@ class FeatureSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Metadata(_message.Message):
-    __slots__ = ("status", "model_id", "policy_type", "action_dim", "horizon", "n_action_steps", "fps", "input_features", "camera_names", "description", "action_space", "message", "session_id", "max_message_bytes")
+    __slots__ = ("status", "model_id", "policy_type", "action_dim", "horizon", "n_action_steps", "fps", "input_features", "camera_names", "description", "action_space", "message", "session_id", "max_message_bytes", "action_low", "action_high")
     class InputFeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,8 @@ class Metadata(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTION_LOW_FIELD_NUMBER: _ClassVar[int]
+    ACTION_HIGH_FIELD_NUMBER: _ClassVar[int]
     status: str
     model_id: str
     policy_type: str
@@ -124,7 +126,9 @@ class Metadata(_message.Message):
     message: str
     session_id: str
     max_message_bytes: int
-    def __init__(self, status: _Optional[str] = ..., model_id: _Optional[str] = ..., policy_type: _Optional[str] = ..., action_dim: _Optional[int] = ..., horizon: _Optional[int] = ..., n_action_steps: _Optional[int] = ..., fps: _Optional[float] = ..., input_features: _Optional[_Mapping[str, FeatureSpec]] = ..., camera_names: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., action_space: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    action_low: _containers.RepeatedScalarFieldContainer[float]
+    action_high: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, status: _Optional[str] = ..., model_id: _Optional[str] = ..., policy_type: _Optional[str] = ..., action_dim: _Optional[int] = ..., horizon: _Optional[int] = ..., n_action_steps: _Optional[int] = ..., fps: _Optional[float] = ..., input_features: _Optional[_Mapping[str, FeatureSpec]] = ..., camera_names: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., action_space: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class MetadataRequest(_message.Message):
     __slots__ = ()
