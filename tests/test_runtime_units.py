@@ -200,10 +200,11 @@ def test_loop_stats_summary():
 
 def test_rolling_window_keeps_the_recent_samples_and_exact_totals():
     window = RollingWindow(3)
-    assert not window and len(window) == 0 and window.percentile(50) == 0.0 and window.mean == 0.0
+    assert not window and len(window) == 0 and window.percentile(50) == 0.0 and window.run_mean == 0.0
     window.extend([5.0, 1.0, 2.0, 3.0, 4.0])
     assert list(window) == [2.0, 3.0, 4.0] and len(window) == 3 and window[-1] == 4.0 and window[0] == 2.0
-    assert window.count == 5 and window.total == 15.0 and window.mean == 3.0
+    assert window.count == 5 and window.total == 15.0 and window.run_mean == 3.0
+    assert np.mean(window) == 3.0 and np.max(window) == 4.0  # numpy sees the window's samples (2, 3, 4) only
     assert window.minimum == 1.0 and window.maximum == 5.0  # whole run, though both left the window
     assert window.percentile(50) == 3.0  # the window only
     window.append(10.0)

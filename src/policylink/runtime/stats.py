@@ -124,9 +124,13 @@ class RollingWindow:
             self.append(value)
 
     @property
-    def mean(self) -> float:
-        """Mean of every sample (0.0 before the first)."""
+    def run_mean(self) -> float:
+        """Mean of every sample of the run, not only the window's (0.0 before the first)."""
         return self.total / self.count if self.count else 0.0
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """numpy functions (``np.mean``, ``np.max``...) see the window's samples."""
+        return self.values() if dtype is None else self.values().astype(dtype)
 
     def values(self) -> np.ndarray:
         """A copy of the window's samples, oldest first."""
@@ -154,7 +158,7 @@ class RollingWindow:
         return values[index].tolist() if isinstance(index, slice) else float(values[index])
 
     def __repr__(self) -> str:
-        return f"RollingWindow(size={self.size}, count={self.count}, mean={self.mean:.6g})"
+        return f"RollingWindow(size={self.size}, count={self.count}, run_mean={self.run_mean:.6g})"
 
 
 @dataclasses.dataclass(eq=False)
@@ -299,7 +303,7 @@ class LoopStats:
             "roundtrip_p50_ms": round(float(rt_p50), 2),
             "roundtrip_p90_ms": round(float(rt_p90), 2),
             "roundtrip_p99_ms": round(float(rt_p99), 2),
-            "roundtrip_mean_ms": round(self.roundtrips_ms.mean, 2),
+            "roundtrip_mean_ms": round(self.roundtrips_ms.run_mean, 2),
             "roundtrip_max_ms": round(self.roundtrips_ms.maximum if self.roundtrips_ms else 0.0, 2),
             "roundtrips": self.roundtrips_ms.count,
             "roundtrip_window": len(roundtrips),
