@@ -203,7 +203,7 @@ class PolicyClient:
                 self._configured = False
                 continue
             if configure and isinstance(reply, dict):
-                self._transport.metadata_frame = {key: value for key, value in reply.items() if key != "ok"}
+                self._adopt_metadata(reply)
             return reply
         raise AssertionError("unreachable")
 
@@ -213,9 +213,12 @@ class PolicyClient:
             self._connect(_remaining(deadline))
         if not self._configured and self._configure_request is not None:
             logger.info("re-sending configure (%s) to %s", self._configure_request["policy_path"], self.url)
-            reply = self._transport.request(self._configure_request, _remaining(deadline))
-            self._transport.metadata_frame = {key: value for key, value in reply.items() if key != "ok"}
+            self._adopt_metadata(self._transport.request(self._configure_request, _remaining(deadline)))
             self._configured = True
+
+    def _adopt_metadata(self, configure_reply: dict[str, Any]) -> None:
+        """A configure reply is the new metadata frame of this connection."""
+        self._transport.metadata_frame = {key: value for key, value in configure_reply.items() if key != "ok"}
 
     def _connect(self, timeout: float) -> None:
         self._transport.connect(timeout)

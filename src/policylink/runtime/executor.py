@@ -69,7 +69,7 @@ from .clock import Clock, RealTimeClock
 from .events import ChunkEvent, EpisodeEvent, LoopListener, StepEvent
 from .filters import ActionMapping, ChunkRejected, ChunkValidator, FilterChain, ReadyPose
 from .merging import LatestOnly, MergeRule, make_merge_rule
-from .safety import DEFAULT_BOUNDS_MARGIN, ActionBounds, Backoff, ResumeRamp
+from .safety import DEFAULT_BOUNDS_MARGIN, ActionBounds, Backoff, ResumeRamp, step_towards
 from .stats import LatencyEstimator, LoopStats
 
 __all__ = ["Executor", "ExecutorConfig", "MODES", "WATCHDOG_ACTIONS"]
@@ -710,8 +710,7 @@ class Executor:
         target = self.ready_pose.pose
         if previous is None or previous.shape != target.shape:
             return self._last_command
-        step = self._ramp.step(target.size)
-        command = (previous + np.clip(target - previous, -step, step)).astype(np.float32)
+        command = step_towards(previous, target, self._ramp.step(target.size))
         return self.robot_bounds.clip(command) if self.robot_bounds is not None else command
 
     def _in_robot_space(self, actions: np.ndarray) -> np.ndarray:

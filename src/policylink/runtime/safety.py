@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ActionBounds", "ResumeRamp", "Backoff", "DEFAULT_BOUNDS_MARGIN"]
+__all__ = ["ActionBounds", "ResumeRamp", "Backoff", "step_towards", "DEFAULT_BOUNDS_MARGIN"]
 
 #: Chunks may leave the policy's announced action range by this fraction of the range, each side.
 DEFAULT_BOUNDS_MARGIN = 0.1
@@ -72,16 +72,6 @@ class ActionBounds:
     def clip(self, command: np.ndarray) -> np.ndarray:
         return np.clip(command, self.low, self.high).astype(np.float32)
 
-    def intersect(self, other: ActionBounds | None) -> ActionBounds:
-        if other is None:
-            return self
-        if other.dim != self.dim:
-            raise ValueError(f"cannot combine bounds of {self.dim} and {other.dim} joints")
-        low, high = np.maximum(self.low, other.low), np.minimum(self.high, other.high)
-        if np.any(low > high):
-            raise ValueError(f"the bounds do not overlap: low={low.tolist()} high={high.tolist()}")
-        return ActionBounds(low, high)
-
     def __repr__(self) -> str:
         return f"ActionBounds(low={self.low.tolist()}, high={self.high.tolist()})"
 
@@ -110,13 +100,10 @@ class ResumeRamp:
         self._recent: collections.deque[np.ndarray] = collections.deque(maxlen=window)
         self._chunk_step: np.ndarray | None = None
         self.ramping = True
-        #: Ticks spent ramping since the last interruption (for reports).
-        self.ramp_ticks = 0
 
     def interrupt(self) -> None:
         """The stream of fresh actions broke: ramp the next commands."""
         self.ramping = True
-        self.ramp_ticks = 0
 
     def new_chunk(self, actions: np.ndarray) -> None:
         """A chunk was queued: its own largest step is a lower bound for what is normal now."""
@@ -141,11 +128,15 @@ class ResumeRamp:
             self._recent.append(np.abs(delta).astype(np.float32))
             return target
         step = self.step(target.size)
-        self.ramp_ticks += 1
         if np.all(np.abs(delta) <= step):
             self.ramping = False  # caught up: from now on the trajectory itself
             return target
-        return (previous + np.clip(delta, -step, step)).astype(np.float32)
+        return step_towards(previous, target, step)
+
+
+def step_towards(previous: np.ndarray, target: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """One tick from ``previous`` towards ``target``, each joint moving at most ``step``."""
+    return (previous + np.clip(target - previous, -step, step)).astype(np.float32)
 
 
 class Backoff:

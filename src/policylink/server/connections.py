@@ -41,13 +41,11 @@ class ConnectionBudget:
             raise ValueError(f"the connection limit must be at least 1, got {limit}")
         self.limit = limit
         self.open = 0
-        self.refused = 0
         self._lock = threading.Lock()
 
     def try_open(self) -> bool:
         with self._lock:
             if self.open >= self.limit:
-                self.refused += 1
                 return False
             self.open += 1
             return True

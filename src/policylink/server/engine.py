@@ -153,12 +153,7 @@ class Outcome:
     """What :meth:`Engine.handle` gives back: the encoded reply, or a failure."""
 
     body: Any = None
-    reply: dict[str, Any] | None = None
     failure: Failure | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
 
 
 class ServedModel:
@@ -223,9 +218,15 @@ class ServedModel:
         """Stop the scheduler (on the loop), then close the policy on a thread once its running calls are done."""
         if self.scheduler is not None:
             self.scheduler.close()
-        await asyncio.to_thread(self._close_blocking)
+        await asyncio.to_thread(self._close_policy)
 
-    def _close_blocking(self) -> None:
+    def close(self) -> None:
+        """Blocking variant of :meth:`aclose`, for when no event loop runs."""
+        if self.scheduler is not None:
+            self.scheduler.close()
+        self._close_policy()
+
+    def _close_policy(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.policy.close()
 
@@ -382,7 +383,7 @@ class Engine:
         if request.command is None:
             session.prev_total_ms = total_s * 1e3
         self.metrics.request_done(protocol, reply, total_s)
-        return Outcome(body=body, reply=reply)
+        return Outcome(body=body)
 
     async def decode(self, decode: Callable[[Any], Any], payload: Any) -> Any:
         """Run a decoder on the decode threads (for adapters that decode outside :meth:`handle`)."""
@@ -532,7 +533,7 @@ class Engine:
         """Close an evicted model off the event loop, after its running requests (may be called from any thread)."""
         loop = self._loop
         if loop is None or not loop.is_running():
-            model._close_blocking()
+            model.close()
             return
 
         def start() -> None:
@@ -556,9 +557,7 @@ class Engine:
     def close(self) -> None:
         """Blocking variant of :meth:`aclose` for use outside an event loop."""
         for model in self.models.clear():
-            if model.scheduler is not None:
-                model.scheduler.close()
-            model._close_blocking()
+            model.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
 

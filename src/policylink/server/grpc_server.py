@@ -45,6 +45,7 @@ from ..proto import convert
 from ..proto.v1 import policylink_pb2 as pb
 from ..proto.v1 import policylink_pb2_grpc as pb_grpc  # noqa: F401  (the generated stub, for clients)
 from .app import ServesInBlock
+from .auth import ApiKey
 from .engine import ClientSession, Engine, Failure, Request
 
 __all__ = [
@@ -140,8 +141,6 @@ class GrpcServer(ServesInBlock):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         self.engine = engine
         if api_key is not None:
-            from .auth import ApiKey
-
             engine.auth = ApiKey(api_key)
         self.host = host
         self.port = port

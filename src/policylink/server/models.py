@@ -104,7 +104,7 @@ class ModelCache:
     def memory_bytes(self) -> int:
         """Weights held by the cached models, as the models report them."""
         with self._lock:
-            return sum(entry.memory_bytes for entry in self._entries.values())
+            return self._held()
 
     def models(self) -> list[Any]:
         """The cached models, pinned ones included, least recently used first."""
@@ -203,12 +203,7 @@ class ModelCache:
     def _make_room_locked(self, estimate_bytes: int) -> tuple[list[Any], ServerBusy | None]:
         """Evict idle models until one more model of ``estimate_bytes`` fits; the evicted and, if it cannot fit, the refusal."""
         budget = self.memory_budget_bytes
-        evicted: list[Any] = []
-        while self._unpinned() + 1 > self.max_models or (budget is not None and self._held() + estimate_bytes > budget):
-            key = self._idle_locked()
-            if key is None:
-                break
-            evicted.append(self._pop_locked(key))
+        evicted = self._evict_locked(extra_models=1, extra_bytes=estimate_bytes)
         if budget is not None and self._held() + estimate_bytes > budget:
             return evicted, ServerBusy(
                 f"server busy: a model of about {estimate_bytes / 2**30:.2f} GiB does not fit the {budget / 2**30:.2f} GiB model budget "
@@ -216,11 +211,11 @@ class ModelCache:
             )
         return evicted, None
 
-    def _evict_locked(self) -> list[Any]:
-        """Drop least recently used idle models until within bounds; returns them to close."""
+    def _evict_locked(self, extra_models: int = 0, extra_bytes: int = 0) -> list[Any]:
+        """Drop least recently used idle models until within bounds (with room for ``extra_*`` more); returns them to close."""
         evicted: list[Any] = []
         budget = self.memory_budget_bytes
-        while self._unpinned() > self.max_models or (budget is not None and self._held() > budget):
+        while self._unpinned() + extra_models > self.max_models or (budget is not None and self._held() + extra_bytes > budget):
             key = self._idle_locked()
             if key is None:
                 logger.warning("model cache over its bound (%d models, %.2f GiB), but every model is in use", len(self._entries), self._held() / 2**30)

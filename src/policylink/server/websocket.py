@@ -42,6 +42,7 @@ from websockets.http11 import Response
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
 from ..errors import ErrorKind, ProtocolError
 from .app import ServesInBlock
+from .auth import ApiKey
 from .engine import COMMAND_KEY, PROTOCOL_VERSION, Engine, Failure, Request
 from .metrics import CONTENT_TYPE
 
@@ -88,8 +89,6 @@ class WebSocketServer(ServesInBlock):
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         self.engine = engine
         if api_key is not None:
-            from .auth import ApiKey
-
             engine.auth = ApiKey(api_key)
         self.host = host
         self.port = port
