@@ -225,3 +225,26 @@ def test_action_map_and_hold_from_the_cli():
     out = run_cli("--policy.type", "replay", "--policy.action_dim", "4", "--action.map", "6:0-3", "--action.hold", "4=0.1",
                   "--episodes", "1", "--max-steps", "10", "--sim-latency-steps", "1", "--ready-pose", "0,0,0,0,0.1,0", "--ready-s", "0.2")
     assert out.returncode == 0, out.stderr
+
+
+def test_filter_limits_are_the_bounds_when_neither_policy_nor_robot_has_any():
+    """What the refusal tells the user to do works: --filter.limits gives the executor its bounds."""
+    from policylink.cli import build_parser, join_negative_values
+    from policylink.cli.run import make_executor
+
+    class Unknown(FakeEnv):
+        def action_bounds(self):
+            return None
+
+    metadata = PolicyMetadata(action_dim=6, horizon=8)  # no action range announced
+
+    def policy(obs):
+        return np.zeros((8, 6), np.float32)
+
+    args = build_parser().parse_args(join_negative_values(["run", "--filter.limits", "-2,2"]))
+    executor = make_executor(args, policy, Unknown(image_size=(8, 8)), metadata)
+    np.testing.assert_array_equal(executor.bounds.low, np.full(6, -2.0))
+    np.testing.assert_array_equal(executor.bounds.high, np.full(6, 2.0))
+    executor.close()
+    with pytest.raises(ValueError, match="CLI: --filter.limits LOW,HIGH"):
+        make_executor(build_parser().parse_args(["run"]), policy, Unknown(image_size=(8, 8)), metadata)

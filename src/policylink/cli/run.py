@@ -182,6 +182,7 @@ def make_executor(args: argparse.Namespace, client: Any, env: Any, metadata: Any
         ready = ReadyPose(pose, steps=max(1, round(args.ready_s * args.fps)))
     return Executor(
         client, env, config, clock=clock, filters=filters, validator=validator, ready_pose=ready,
+        bounds=(limits.low, limits.high) if limits is not None else None,  # --filter.limits replaces the policy's range
         use_policy_bounds=not args.no_policy_bounds, allow_unbounded=args.allow_unbounded,
     )
 
