@@ -645,9 +645,7 @@ class Executor:
             if self._quit.is_set() or self._reset_requested.is_set():
                 return
             self.clock.wait_tick()
-            command = robot_filters(target)
-            if self.robot_bounds is not None:
-                command = self.robot_bounds.clip(command)
+            command = self._within_robot_bounds(robot_filters(target))
             self._obs = self.env.step(command).observation
             self._last_command = command
         self.filters.reset(self._current_state() if self._current_state() is not None else self._last_command)
@@ -673,10 +671,7 @@ class Executor:
             self._bad_command("a non-finite command after the filters")
             return None
         previous = self._last_command if self._last_command is not None else self._current_state()
-        command = self._ramp(command, previous)
-        if self.robot_bounds is not None:
-            command = self.robot_bounds.clip(command)
-        return command
+        return self._within_robot_bounds(self._ramp(command, previous))
 
     def _bad_command(self, reason: str) -> None:
         self.stats.rejected_commands += 1
@@ -710,7 +705,10 @@ class Executor:
         target = self.ready_pose.pose
         if previous is None or previous.shape != target.shape:
             return self._last_command
-        command = step_towards(previous, target, self._ramp.step(target.size))
+        return self._within_robot_bounds(step_towards(previous, target, self._ramp.step(target.size)))
+
+    def _within_robot_bounds(self, command: np.ndarray) -> np.ndarray:
+        """Every command sent to the robot goes through here: clipped to its joint ranges, when known."""
         return self.robot_bounds.clip(command) if self.robot_bounds is not None else command
 
     def _in_robot_space(self, actions: np.ndarray) -> np.ndarray:
