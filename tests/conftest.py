@@ -136,3 +136,23 @@ def wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90.0) ->
         except OSError:
             time.sleep(0.2)
     raise AssertionError("server did not come up")
+
+
+def run_concurrently(count: int, work: Callable[[int], Any]) -> list:
+    """Call ``work(i)`` for ``i < count`` on threads released together; results (or the exceptions raised) in order."""
+    results: list = [None] * count
+    barrier = threading.Barrier(count)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = work(i)
+        except Exception as exc:  # collected and checked by the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return results

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-from conftest import wait_until
+from conftest import run_concurrently, wait_until
 from websockets.sync.client import connect
 
 from policylink import PolicyClient, ServerBusy, ServerError
@@ -77,25 +77,6 @@ class LinearPolicy(Policy):
 
 def alone(policy: LinearPolicy, state: np.ndarray) -> np.ndarray:
     return np.einsum("tas,s->ta", policy.weights, state).astype(np.float32)
-
-
-def run_concurrently(count: int, work) -> list:
-    results: list = [None] * count
-    barrier = threading.Barrier(count)
-
-    def one(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = work(i)
-        except Exception as exc:  # collected and checked by the test
-            results[i] = exc
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    return results
 
 
 def test_concurrent_clients_get_the_actions_they_would_get_alone(serve):

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .rtc.request import RTCSupport
+
 __all__ = [
     "Observation",
     "Reply",
@@ -75,6 +77,8 @@ class PolicyMetadata:
     #: Clients refuse chunks outside it (with a margin) unless told otherwise.
     action_low: tuple[float, ...] | None = None
     action_high: tuple[float, ...] | None = None
+    #: Whether (and with which defaults) the policy steers chunks with real-time-chunking fields; ``None``: it ignores them.
+    rtc: RTCSupport | None = None
 
     def __post_init__(self) -> None:
         if (self.action_low is None) != (self.action_high is None):
@@ -121,6 +125,7 @@ class PolicyMetadata:
             "action_space": self.action_space,
             "action_low": list(self.action_low) if self.action_low is not None else None,
             "action_high": list(self.action_high) if self.action_high is not None else None,
+            "rtc": self.rtc.to_dict() if self.rtc is not None else None,
         }
 
     @classmethod
@@ -140,6 +145,7 @@ class PolicyMetadata:
             description=str(data.get("description", "")),
             action_low=_bounds(data.get("action_low")),
             action_high=_bounds(data.get("action_high")),
+            rtc=RTCSupport.from_dict(data.get("rtc")),
         )
 
 

@@ -21,6 +21,7 @@ them, and fails with a clear message only when a checkpoint is loaded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import RequestError
+from ..rtc.request import RTC_KEY, SEED_KEY, RTCRequest, RTCSupport
 from ..types import Feature, Observation, Policy, PolicyMetadata, Reply
 from .obsmap import ENV_STATE, STATE, ObservationSpec, map_observation, parse_rename_map
 
@@ -46,6 +48,8 @@ logger = logging.getLogger("policylink.server")
 DTYPES = ("float32", "bfloat16", "float16")
 #: Policies whose ``predict_action_chunk`` reads an observation history the caller must fill.
 _QUEUE_FED_TYPES = ("diffusion", "vqbet")
+#: Flow-matching policies whose sampling LeRobot's real-time-chunking guidance can steer.
+RTC_TYPES = ("smolvla", "pi0", "pi05")
 #: Control rate announced when the checkpoint does not record one.
 DEFAULT_FPS = 30.0
 #: Action bounds from mean/std statistics (when a checkpoint has no min/max): mean ± this many std.
@@ -103,14 +107,17 @@ def load_policy(
     task: str | None = None,
     rename_map: str | Mapping[str, str] | None = None,
     fps: float | None = None,
+    rtc: RTCSupport | None = RTCSupport(),
 ) -> LeRobotPolicy:
     """Load a LeRobot checkpoint directory, warm it up, and return it ready to serve.
 
     ``dtype`` ``bfloat16``/``float16`` runs the model under autocast (weights
     stay float32; normalisation runs in float32). ``task`` is the prompt used
     when an observation carries none. ``rename_map`` maps client camera names
-    to the policy's. Raises :class:`RequestError` for a missing or broken
-    checkpoint, an unknown device or dtype.
+    to the policy's. ``rtc`` sets the real-time-chunking defaults of
+    flow-matching policies (:data:`RTC_TYPES`; ``None`` turns it off).
+    Raises :class:`RequestError` for a missing or broken checkpoint, an
+    unknown device or dtype.
     """
     directory = resolve_checkpoint(path)
     dtype = (dtype or "float32").lower()
@@ -135,7 +142,7 @@ def load_policy(
         raise RequestError(f"could not load checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
     policy = LeRobotPolicy(
         *parts, device=chosen, dtype=dtype, model_id=str(path), task=task, rename_map=rename,
-        fps=fps if fps is not None else _recorded_fps(directory),
+        fps=fps if fps is not None else _recorded_fps(directory), rtc=rtc,
     )
     load_s = time.perf_counter() - started
     warmup_ms = policy.warm_up()
@@ -147,15 +154,18 @@ def load_policy(
     return policy
 
 
-def load_from_request(request: Mapping[str, Any]) -> LeRobotPolicy:
-    """The engine's loader for configure requests: ``policy_path``, ``device``, ``dtype``, ``rename_map``, ``fps``."""
+def load_from_request(request: Mapping[str, Any], rtc: RTCSupport | None = RTCSupport()) -> LeRobotPolicy:
+    """The engine's loader for configure requests: ``policy_path``, ``device``, ``dtype``, ``rename_map``, ``fps``.
+
+    ``rtc`` is the server's real-time-chunking setting (bind it with ``functools.partial``).
+    """
     path = request.get("policy_path")
     if not path or not isinstance(path, str):
         raise RequestError("configure needs 'policy_path': the checkpoint directory on the server")
     fps = request.get("fps")
     return load_policy(
         path, device=request.get("device") or "auto", dtype=request.get("dtype"),
-        rename_map=request.get("rename_map"), fps=float(fps) if fps is not None else None,
+        rename_map=request.get("rename_map"), fps=float(fps) if fps is not None else None, rtc=rtc,
     )
 
 
@@ -227,7 +237,7 @@ class LeRobotPolicy(Policy):
     def __init__(
         self, config: Any, model: Any, preprocessor: Any, postprocessor: Any, *,
         device: str, dtype: str = "float32", model_id: str = "", task: str | None = None,
-        rename_map: Mapping[str, str] | None = None, fps: float | None = None,
+        rename_map: Mapping[str, str] | None = None, fps: float | None = None, rtc: RTCSupport | None = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -245,6 +255,12 @@ class LeRobotPolicy(Policy):
         self._state: dict[str, Any] = {}
         self._metadata: PolicyMetadata | None = None
         self.memory_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        #: Real-time-chunking defaults, when this policy can be steered (flow matching) and the server allows it.
+        self.rtc = rtc if rtc is not None and config.type in RTC_TYPES and hasattr(config, "rtc_config") else None
+        if self.rtc is not None:
+            from ..rtc.guidance import install
+
+            install(model, self.rtc)
 
     # -- Policy API -------------------------------------------------------
 
@@ -287,13 +303,12 @@ class LeRobotPolicy(Policy):
 
     def run(self, obs: Observation, state: dict[str, Any]) -> Reply:
         """Infer with per-client ``state``; returns ``{"actions": (horizon, action_dim) float32}``."""
-        import torch
-
+        obs, rtc, seed = _sampling_fields(obs)
         mapped = map_observation(obs, self.spec, default_task=self.default_task)
-        with self._lock, torch.inference_mode():
+        with self._lock, self._grad_mode():
             batch = self._preprocess(mapped)
             with self._autocast():
-                actions = self._predict_chunk(batch, state)
+                actions = self._predict_chunk(batch, state, self._sampling_kwargs([rtc], [seed]))
             chunks = self._postprocess(actions)
         return {"actions": chunks[0]}
 
@@ -301,21 +316,66 @@ class LeRobotPolicy(Policy):
 
     def batch_key(self, obs: Observation) -> Any:
         """Policies without per-client history batch any requests (inputs are resized to one size)."""
-        return None if hasattr(self.model, "_queues") else ("lerobot", self.model_id)
+        return None if not self._batchable() else ("lerobot", self.model_id)
+
+    def _batchable(self) -> bool:
+        # ACT and the flow-matching VLAs predict from the current observation alone; Diffusion and VQ-BeT read a history.
+        return self.config.type not in _QUEUE_FED_TYPES and (not hasattr(self.model, "_queues") or self.config.type in RTC_TYPES)
 
     def infer_batch(self, sessions: Any, observations: Any) -> list[Reply]:
-        """One forward pass for several clients' observations (history-free policies only)."""
-        import torch
+        """One forward pass for several clients' observations (history-free policies only).
 
-        if len(observations) == 1 or hasattr(self.model, "_queues"):
+        Each client's real-time-chunking fields and noise seed apply to its own row.
+        """
+        if len(observations) == 1 or not self._batchable():
             return [session.infer(obs) for session, obs in zip(sessions, observations)]
-        mapped = [map_observation(obs, self.spec, default_task=self.default_task) for obs in observations]
-        with self._lock, torch.inference_mode():
+        fields = [_sampling_fields(obs) for obs in observations]
+        mapped = [map_observation(obs, self.spec, default_task=self.default_task) for obs, _, _ in fields]
+        with self._lock, self._grad_mode():
             batch = _concat([self._preprocess(item) for item in mapped])
             with self._autocast():
-                actions = self.model.predict_action_chunk(batch)
+                kwargs = self._sampling_kwargs([rtc for _, rtc, _ in fields], [seed for _, _, seed in fields])
+                actions = self.model.predict_action_chunk(batch, **kwargs)
             chunks = self._postprocess(actions)
         return [{"actions": chunk} for chunk in chunks]
+
+    def _grad_mode(self) -> Any:
+        """``inference_mode``, except for policies that may be steered: RTC guidance needs autograd."""
+        import torch
+
+        return torch.no_grad() if self.rtc is not None else torch.inference_mode()
+
+    def _sampling_kwargs(self, requests: list[RTCRequest | None], seeds: list[int | None]) -> dict[str, Any]:
+        """``predict_action_chunk`` arguments for a batch: noise from the seeds, RTC guidance in model space."""
+        kwargs: dict[str, Any] = {}
+        if self.config.type in RTC_TYPES and any(seed is not None for seed in seeds):
+            kwargs["noise"] = self._noise(seeds)
+        if self.rtc is not None and any(request is not None for request in requests):
+            from ..rtc.guidance import build_guidance
+
+            targets = [None if request is None else self._normalized_actions(request.prefix) for request in requests]
+            guidance = build_guidance(requests, targets, self.rtc, int(self.config.chunk_size), int(self.config.max_action_dim), self.device)
+            # LeRobot's RTC arguments; the batch-aware processor reads everything from `inference_delay`.
+            kwargs.update(inference_delay=guidance, prev_chunk_left_over=None, execution_horizon=None)
+        return kwargs
+
+    def _noise(self, seeds: list[int | None]) -> Any:
+        """The sampling noise for a batch: each seeded row from its own generator, the others fresh."""
+        import torch
+
+        shape = (int(self.config.chunk_size), int(self.config.max_action_dim))
+        rows = [torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if seed is not None else torch.randn(shape) for seed in seeds]
+        return torch.stack(rows).to(self.device)
+
+    def _normalized_actions(self, actions: np.ndarray) -> Any:
+        """Actions in the model's space: normalised with the checkpoint's action statistics (the post-processor's)."""
+        import torch
+
+        tensor = torch.tensor(np.asarray(actions, np.float32))
+        for step in getattr(self.postprocessor, "steps", ()):
+            if hasattr(step, "_normalize_action") and "action" in (getattr(step, "stats", None) or {}):
+                return step._normalize_action(tensor, inverse=False)
+        return tensor
 
     def _preprocess(self, mapped: Any) -> dict[str, Any]:
         """Tensors on the device through the checkpoint's pre-processor (batch of one). Holds the lock."""
@@ -364,7 +424,7 @@ class LeRobotPolicy(Policy):
             tensor = tensor.clamp_(0.0, 1.0)
         return tensor
 
-    def _predict_chunk(self, batch: dict[str, Any], state: dict[str, Any]) -> Any:
+    def _predict_chunk(self, batch: dict[str, Any], state: dict[str, Any], kwargs: Mapping[str, Any] | None = None) -> Any:
         """One ``predict_action_chunk`` call with this client's observation history swapped in."""
         import torch
 
@@ -384,7 +444,7 @@ class LeRobotPolicy(Policy):
             if self.config.image_features:
                 batch[OBS_IMAGES] = torch.stack([batch[key] for key in self.config.image_features], dim=-4)
             model._queues = populate_queues(model._queues, batch)
-        actions = model.predict_action_chunk(batch)
+        actions = model.predict_action_chunk(batch, **(kwargs or {}))
         if has_queues:
             state["queues"] = model._queues
         return actions
@@ -424,6 +484,7 @@ class LeRobotPolicy(Policy):
             policy_type=str(self.config.type),
             n_action_steps=min(int(n_action_steps), horizon) if n_action_steps else horizon,
             description="; ".join(notes),
+            rtc=dataclasses.replace(self.rtc, execution_horizon=min(self.rtc.execution_horizon, horizon)) if self.rtc is not None else None,
         )
 
 
@@ -473,6 +534,14 @@ class LeRobotSession(Policy):
         return LeRobotSession(self.policy)
 
 
+def _sampling_fields(obs: Observation) -> tuple[Observation, RTCRequest | None, int | None]:
+    """The observation without the engine's checked RTC fields and noise seed, and those two."""
+    if RTC_KEY not in obs and SEED_KEY not in obs:
+        return obs, None, None
+    obs = dict(obs)
+    return obs, obs.pop(RTC_KEY, None), obs.pop(SEED_KEY, None)
+
+
 def _concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
     """Join pre-processed batches of one along the batch dimension (lists, e.g. tasks, are joined)."""
     import torch
@@ -481,9 +550,17 @@ def _concat(batches: list[dict[str, Any]]) -> dict[str, Any]:
     for key, first in batches[0].items():
         values = [batch[key] for batch in batches]
         if isinstance(first, torch.Tensor):
-            joined[key] = torch.cat(values, dim=0)
+            joined[key] = torch.cat(_padded_tokens(values) if key.endswith((".tokens", ".attention_mask")) else values, dim=0)
         elif isinstance(first, list):
             joined[key] = [item for value in values for item in value]
         else:
             joined[key] = first
     return joined
+
+
+def _padded_tokens(values: list[Any]) -> list[Any]:
+    """Prompts tokenised one by one (padded to their own length) right-padded to the longest; the mask hides the padding."""
+    import torch.nn.functional as F
+
+    longest = max(value.shape[-1] for value in values)
+    return [F.pad(value, (0, longest - value.shape[-1])) for value in values]

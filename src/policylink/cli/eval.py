@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ._watch import Watchers, add_watch_flags
+from .run import add_rtc_flags, check_rtc_flags
 from .serve import add_policy_flags
 
 HELP = """\
@@ -65,6 +66,11 @@ def add_parser(subparsers: Any) -> None:
     execution.add_argument("--sim-latency-steps", type=int, default=0, help="simulated inference delay in control steps (default: 0)")
     execution.add_argument("--n-action-steps", type=int, default=None, help="actions executed from each chunk (default: the policy's n_action_steps)")
     execution.add_argument("--async-threshold", type=float, default=0.5, help="async: ask for the next chunk when this fraction of the chunk is left (default: 0.5)")
+    execution.add_argument("--merge", default="latest", choices=["latest", "rtc"],
+                           help="latest: a chunk replaces the queue; rtc: real-time chunking, async only: each request carries the queued "
+                                "actions and the delay (--sim-latency-steps), the new chunk is spliced in exactly where it arrives "
+                                "(latest-only, with a warning, against a policy that cannot do it) (default: latest)")
+    add_rtc_flags(execution)
     add_policy_flags(parser)
     add_watch_flags(parser)
     # Built-in policies take the simulator's action size unless told otherwise.
@@ -74,6 +80,7 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import EvalConfig, ExecutionConfig, evaluate, format_summary
 
+    check_rtc_flags(args, args.mode)
     env_options = {}
     if args.env_obs_type:
         if args.env != "pusht":
@@ -89,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         execution=ExecutionConfig(
             mode=args.mode, sim_latency_steps=args.sim_latency_steps,
             n_action_steps=args.n_action_steps, async_threshold=args.async_threshold,
+            merge=args.merge, rtc_horizon=args.rtc_request_horizon, rtc_guidance=args.rtc_request_guidance,
         ),
         videos=args.videos,
         out=args.out or Path("outputs") / "eval" / f"{time.strftime('%Y%m%d-%H%M%S')}_{args.env}",
@@ -100,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         # Per-request and per-connection lines (K clients, a local server) would bury the progress bar.
         for name in ("policylink.server", "policylink.client", "websockets", "absl"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    client = {"command": "eval", "env": args.env, "mode": args.mode, "episodes": args.episodes, "num_envs": args.num_envs}
+    client = {"command": "eval", "env": args.env, "mode": args.mode, "merge": args.merge, "episodes": args.episodes, "num_envs": args.num_envs}
     with _server(args) as url, Watchers(args, {"server": url, "client": client}) as watchers, _Progress(config.episodes, args.env, disabled=args.no_progress) as progress:
         report = evaluate(url, config, on_episode=progress.update, listeners=watchers.listeners)
         if watchers.recorder is not None:
@@ -127,14 +135,14 @@ class _server:
             return str(args.server)
         from ..server.background import BackgroundServer
         from ..server.engine import Engine
-        from .serve import builtin_from_args, model_loader
+        from .serve import builtin_from_args, model_loader, rtc_support_from_args
 
         if args.policy_type:
             if args.action_dim is None:
                 args.action_dim = _sim_action_dim(args.env)
             engine = Engine(builtin_from_args(args))
         elif args.policy_path:
-            loader = model_loader()
+            loader = model_loader(rtc_support_from_args(args))
             if loader is None:
                 raise ImportError("loading --policy.path locally needs the server extra: pip install 'policylink[server]'")
             engine = Engine(None, loader=loader)  # idle: every client configures it

@@ -62,9 +62,13 @@ def add_parser(subparsers: Any) -> None:
     loop = parser.add_argument_group("control loop")
     loop.add_argument("--fps", type=float, default=30.0, help="control rate in Hz (default: 30)")
     loop.add_argument("--mode", default="async", choices=["sync", "async"], help="sync: infer, execute, infer again; async: request the next chunk in the background (default: async)")
-    loop.add_argument("--merge", default="latest", choices=sorted(MERGE_RULES), help="how overlapping chunks combine (default: latest)")
+    loop.add_argument("--merge", default="latest", choices=sorted(MERGE_RULES),
+                      help="how overlapping chunks combine (default: latest); rtc: real-time chunking, async only: each request carries "
+                           "the queued actions and the expected delay, and the new chunk is spliced in exactly where it arrives "
+                           "(latest-only, with a warning, against a server whose policy cannot do it)")
     loop.add_argument("--merge.old_weight", dest="merge_old_weight", type=float, default=0.3, help="average: weight of the queued actions (default: 0.3, as LeRobot)")
     loop.add_argument("--merge.k", dest="merge_k", type=float, default=0.01, help="ensemble: exponential weight factor (default: 0.01, as ACT)")
+    add_rtc_flags(loop)
     loop.add_argument("--n-action-steps", type=int, default=None, help="actions used per chunk (default: the policy's n_action_steps)")
     loop.add_argument("--threshold", type=float, default=0.5, help="async: request when this fraction of n-action-steps is left (default: 0.5)")
     loop.add_argument("--no-compensation", dest="compensate", action="store_false", help="execute late chunks from their start instead of dropping elapsed actions")
@@ -100,12 +104,39 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def add_rtc_flags(group: Any) -> None:
+    """``--rtc.horizon`` and ``--rtc.guidance``: what an executor with ``--merge rtc`` asks of the server."""
+    group.add_argument("--rtc.horizon", dest="rtc_request_horizon", type=int, default=None, metavar="N",
+                       help="--merge rtc: how many of the queued actions sent with a request guide the new chunk (its execution "
+                            "horizon; at least the expected delay, at most the queue; default: all of them)")
+    group.add_argument("--rtc.guidance", dest="rtc_request_guidance", type=float, default=None, metavar="W",
+                       help="--merge rtc: guidance weight asked of the server, how strongly the new chunk is pulled onto the queued "
+                            "actions (default: the server's, see its --policy.rtc_guidance; lowered to the server's limit)")
+
+
+def check_rtc_flags(args: argparse.Namespace, mode: str, compensate: bool = True) -> None:
+    """Refuse ``--rtc.*`` without ``--merge rtc``, and ``--merge rtc`` where it cannot work (before anything starts)."""
+    if args.merge != "rtc":
+        if args.rtc_request_horizon is not None or args.rtc_request_guidance is not None:
+            raise ValueError("--rtc.horizon and --rtc.guidance apply to --merge rtc only")
+        return
+    if mode != "async":
+        raise ValueError("--merge rtc needs --mode async: in sync mode nothing is queued when a chunk is requested, so there is nothing to continue")
+    if not compensate:
+        raise ValueError("--merge rtc needs latency compensation (drop --no-compensation): the new chunk is spliced in after the steps that passed")
+    if args.rtc_request_horizon is not None and args.rtc_request_horizon < 1:
+        raise ValueError(f"--rtc.horizon must be at least 1, got {args.rtc_request_horizon}")
+    if args.rtc_request_guidance is not None and not args.rtc_request_guidance > 0:
+        raise ValueError(f"--rtc.guidance must be > 0, got {args.rtc_request_guidance}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..client import PolicyClient
     from ..runtime.stats import format_summary
 
     if args.sim_latency_steps is not None and args.env == "robot":  # before any hardware is touched
         raise ValueError("--sim-latency-steps simulates time without waiting: it cannot drive a real robot (--env robot)")
+    check_rtc_flags(args, args.mode, args.compensate)
     with make_env(args) as env, _server(args, env) as url, PolicyClient(url, api_key=args.api_key, ca_file=args.ca_file) as client:
         metadata = client.metadata
         if metadata is None:
@@ -159,6 +190,7 @@ def make_executor(args: argparse.Namespace, client: Any, env: Any, metadata: Any
         threshold=args.threshold, compensate=args.compensate, merge=make_merge_rule(args.merge, **merge_options),
         watchdog_s=args.watchdog_s, max_steps=args.max_steps, task=args.task, watchdog_action=args.watchdog_action,
         first_chunk_attempts=args.first_chunk_attempts, bounds_margin=args.bounds_margin, resume_max_delta=args.resume_max_delta,
+        rtc_horizon=args.rtc_request_horizon, rtc_guidance=args.rtc_request_guidance,
     )
     clock = SteppedClock(args.fps, args.sim_latency_steps) if args.sim_latency_steps is not None else RealTimeClock(args.fps)
     mapping = action_mapping(args, env.action_dim)

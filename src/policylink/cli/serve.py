@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
 from typing import Any
 
-from ..policies.builtin import BUILTIN_POLICIES, make_builtin_policy
+from ..policies.builtin import BUILTIN_POLICIES, FLOW_HORIZON, make_builtin_policy
+from ..rtc.request import SCHEDULES, RTCSupport
 from ..server.auth import API_KEY_ENV
 from ..server.connections import DEFAULT_MAX_CONNECTIONS
 from ..types import Policy
@@ -145,7 +148,7 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--policy.type", dest="policy_type", default=None, choices=sorted(BUILTIN_POLICIES), help="built-in policy to serve (no checkpoint needed)")
     group.add_argument("--policy.action_dim", dest="action_dim", type=int, default=6, help="built-in: action dimension (default: 6)")
     group.add_argument("--policy.state_dim", dest="state_dim", type=int, default=None, help="built-in: state dimension (default: action_dim)")
-    group.add_argument("--policy.horizon", dest="horizon", type=int, default=16, help="built-in: chunk length (default: 16)")
+    group.add_argument("--policy.horizon", dest="horizon", type=int, default=None, help="built-in: chunk length (default: 16; flow: 50, like SmolVLA's and pi0's chunks)")
     group.add_argument("--policy.fps", dest="fps", type=float, default=30.0, help="built-in: control rate announced to clients (default: 30)")
     group.add_argument("--policy.cameras", dest="cameras", default="", help="built-in: cameras as NAME=HxW,... (e.g. front=480x640,wrist=480x640)")
     group.add_argument("--policy.latency_ms", dest="latency_ms", type=float, default=0.0, help="built-in: simulated inference time in ms (default: 0)")
@@ -156,6 +159,28 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="LeRobot checkpoints: opt-in mixed precision (default: float32)")
     group.add_argument("--policy.task", dest="policy_task", metavar="TEXT", default=None, help="LeRobot checkpoints: prompt used when an observation carries no 'task'/'prompt'")
     group.add_argument("--policy.rename_map", dest="policy_rename_map", metavar="CLIENT=POLICY,...", default="", help="LeRobot checkpoints: client camera names to policy camera names, CLIENT=POLICY,... (e.g. top=front)")
+    rtc = parser.add_argument_group("real-time chunking (flow-matching policies: flow, SmolVLA, pi0, pi0.5)")
+    rtc.add_argument("--policy.rtc_guidance", dest="rtc_guidance", metavar="W", type=float, default=10.0,
+                     help="guidance weight cap when a request names none (LeRobot's max_guidance_weight; default: 10)")
+    rtc.add_argument("--policy.rtc_max_guidance", dest="rtc_max_guidance", metavar="W", type=float, default=50.0,
+                     help="largest guidance weight a request may ask for (default: 50)")
+    rtc.add_argument("--policy.rtc_schedule", dest="rtc_schedule", choices=SCHEDULES, default="linear",
+                     help="how the guidance falls off after the delay, when a request names none (default: linear)")
+    rtc.add_argument("--policy.rtc_horizon", dest="rtc_horizon", metavar="STEPS", type=int, default=10,
+                     help="execution horizon when a request names none (default: 10, at most the chunk length)")
+    rtc.add_argument("--policy.no_rtc", dest="no_rtc", action="store_true",
+                     help="ignore real-time-chunking fields in requests (the metadata then says the policy cannot use them)")
+
+
+def rtc_support_from_args(args: argparse.Namespace) -> RTCSupport | None:
+    """The server's real-time-chunking defaults from the ``--policy.rtc_*`` flags (``None`` with ``--policy.no_rtc``)."""
+    if getattr(args, "no_rtc", False):
+        return None
+    try:
+        return RTCSupport(guidance=args.rtc_guidance, max_guidance=args.rtc_max_guidance, schedule=args.rtc_schedule,
+                          execution_horizon=args.rtc_horizon)
+    except ValueError as exc:
+        raise ValueError(f"--policy.rtc_*: {exc}") from None
 
 
 def parse_cameras(text: str) -> dict[str, tuple[int, int]]:
@@ -173,15 +198,20 @@ def parse_cameras(text: str) -> dict[str, tuple[int, int]]:
 
 def builtin_from_args(args: argparse.Namespace) -> Policy:
     options: dict[str, Any] = dict(
-        action_dim=args.action_dim, horizon=args.horizon, fps=args.fps, state_dim=args.state_dim,
-        cameras=parse_cameras(args.cameras), latency_ms=args.latency_ms,
+        action_dim=args.action_dim, fps=args.fps, state_dim=args.state_dim, cameras=parse_cameras(args.cameras), latency_ms=args.latency_ms,
     )
+    if args.horizon is not None:
+        options["horizon"] = args.horizon
     if args.policy_type == "random":
         options["seed"] = args.seed
     elif args.policy_type == "constant":
         options["value"] = args.value
     elif args.policy_type == "replay":
         options["actions"] = args.actions
+    elif args.policy_type == "flow":
+        options["seed"] = args.seed
+        support = rtc_support_from_args(args)
+        options["rtc"] = None if support is None else dataclasses.replace(support, execution_horizon=min(support.execution_horizon, args.horizon or FLOW_HORIZON))
     return make_builtin_policy(args.policy_type, **options)
 
 
@@ -195,19 +225,20 @@ def policy_from_args(args: argparse.Namespace) -> Policy | None:
         return _lerobot_backend().load_policy(
             args.policy_path, device=args.device, dtype=args.dtype,
             task=getattr(args, "policy_task", None), rename_map=getattr(args, "policy_rename_map", None),
+            rtc=rtc_support_from_args(args),
         )
     return None
 
 
-def model_loader() -> Any:
-    """The loader for configure requests, if the [server] extra is installed."""
+def model_loader(rtc: RTCSupport | None = RTCSupport()) -> Any:
+    """The loader for configure requests, if the [server] extra is installed (``rtc``: the server's RTC defaults)."""
     try:
-        return _lerobot_backend().load_from_request
+        return functools.partial(_lerobot_backend().load_from_request, rtc=rtc)
     except ImportError:
         return None
 
 
-def loader_options() -> dict[str, Any]:
+def loader_options(rtc: RTCSupport | None = RTCSupport()) -> dict[str, Any]:
     """Engine options that come with the LeRobot loader (none without the [server] extra).
 
     Importing torch and LeRobot here, at start-up, keeps the first configure
@@ -218,7 +249,7 @@ def loader_options() -> dict[str, Any]:
     except ImportError:
         return {}
     backend.import_runtime()
-    return {"loader": backend.load_from_request, "resolve_device": backend.resolve_device, "estimate_bytes": backend.estimate_checkpoint_bytes}
+    return {"loader": functools.partial(backend.load_from_request, rtc=rtc), "resolve_device": backend.resolve_device, "estimate_bytes": backend.estimate_checkpoint_bytes}
 
 
 def engine_from_args(args: argparse.Namespace, policy: Policy | None) -> Any:
@@ -238,7 +269,7 @@ def engine_from_args(args: argparse.Namespace, policy: Policy | None) -> Any:
     return Engine(
         policy, max_models=args.max_models, memory_budget_bytes=budget, batching=batch_options_from_args(args),
         policy_request=request, model_roots=args.model_root, api_key=resolve_api_key(args.api_key, args.api_key_file),
-        max_connections=args.max_connections, **loader_options(),
+        max_connections=args.max_connections, **loader_options(rtc_support_from_args(args)),
     )
 
 

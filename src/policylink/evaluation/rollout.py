@@ -22,6 +22,12 @@ by the delay you ask for, not by how busy the evaluation machine was.
     replace the queue (latest-only merge). If the queue runs dry first, the
     robot holds its last action.
 
+With ``merge="rtc"`` (async only) the executor does real-time chunking: each
+request carries the queued actions and the delay (exactly
+``sim_latency_steps``), and the new chunk is spliced in where it arrives (see
+:mod:`policylink.runtime.executor`); against a policy that cannot do it the
+runner warns once and merges latest-only.
+
 An episode starts when its first chunk is there: the first request's delay is
 not simulated (a robot waits for its first chunk before moving). Each episode
 gets a fresh executor, so nothing learnt in one episode (the latency
@@ -47,6 +53,8 @@ from ..types import Observation
 __all__ = ["ExecutionConfig", "EpisodeResult", "run_episode", "MODES"]
 
 MODES = ("sync", "async")
+#: How a chunk replaces the queue: ``latest``, or ``rtc`` (real-time chunking; async only).
+MERGES = ("latest", "rtc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +69,12 @@ class ExecutionConfig:
     #: Async: ask for the next chunk when this fraction of ``n_action_steps`` is left.
     async_threshold: float = 0.5
     max_steps: int = 300
+    #: ``latest``, or ``rtc``: real-time chunking (async only).
+    merge: str = "latest"
+    #: ``rtc``: the execution horizon asked for (``None``: the whole queued remainder).
+    rtc_horizon: int | None = None
+    #: ``rtc``: the guidance weight asked for (``None``: the server's default).
+    rtc_guidance: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +87,12 @@ class ExecutionConfig:
             raise ValueError(f"async_threshold must be in [0, 1), got {self.async_threshold}")
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}, got {self.merge!r}")
+        if self.merge == "rtc" and self.mode != "async":
+            raise ValueError("merge 'rtc' needs mode 'async': in sync mode nothing is queued when a chunk is requested")
+        if self.merge != "rtc" and (self.rtc_horizon is not None or self.rtc_guidance is not None):
+            raise ValueError("rtc_horizon and rtc_guidance apply to merge 'rtc' only")
 
     def executor_config(self, fps: float) -> ExecutorConfig:
         return ExecutorConfig(
@@ -82,7 +102,9 @@ class ExecutionConfig:
             threshold=self.async_threshold,
             # A held robot has not moved: a sync chunk is executed from its start.
             compensate=self.mode == "async",
-            merge="latest",
+            merge=self.merge,
+            rtc_horizon=self.rtc_horizon,
+            rtc_guidance=self.rtc_guidance,
             # Simulated time has no stale chunks: a reply is exactly as late as asked.
             watchdog_s=float("inf"),
             max_steps=self.max_steps,
@@ -170,8 +192,11 @@ class _Policy:
     last command); an evaluation must not: a failure ends it with the error.
     """
 
-    def __init__(self, infer: Callable[[Observation], Any], reset: Callable[[], Any] | None, result: EpisodeResult, action_dim: int) -> None:
+    def __init__(self, infer: Callable[[Observation], Any], reset: Callable[[], Any] | None, result: EpisodeResult, action_dim: int,
+                 metadata: Any = None) -> None:
         self._infer, self._action_dim, self.result = infer, action_dim, result
+        #: The served policy's metadata: tells the executor whether the server can do real-time chunking.
+        self.metadata = metadata
         self.error: BaseException | None = None
         self.executor: Executor | None = None
         if reset is not None:
@@ -214,6 +239,7 @@ def run_episode(
     reset: Callable[[], Any] | None = None,
     stop: threading.Event | None = None,
     listeners: Sequence[LoopListener] = (),
+    metadata: Any = None,
 ) -> EpisodeResult:
     """Run one episode of ``env`` from ``seed``, getting chunks from ``infer``.
 
@@ -223,13 +249,16 @@ def run_episode(
     episode after the current step, marked ``interrupted``. A failed request
     ends the episode by raising its error. ``listeners`` (monitor, recorder)
     receive the executor's events, numbered with the episode's ``index``.
+    ``metadata`` (the served policy's) says whether ``merge="rtc"`` can work.
     """
     started = time.perf_counter()
     result = EpisodeResult(index=index, seed=seed)
     recorder = _Recorder(env, result, on_frame, stop)
-    policy = _Policy(infer, reset, result, env.action_dim)
+    policy = _Policy(infer, reset, result, env.action_dim, metadata)
     clock = SteppedClock(env.fps, config.sim_latency_steps)
-    executor = Executor(policy, recorder, config.executor_config(env.fps), clock=clock, listeners=[_Timings(result), *listeners])
+    # The simulator's joint ranges bound the commands; the policy's announced range is not enforced here.
+    executor = Executor(policy, recorder, config.executor_config(env.fps), clock=clock, listeners=[_Timings(result), *listeners],
+                        use_policy_bounds=False)
     executor.episode = index  # events carry the evaluation's episode number
     recorder.executor = policy.executor = executor
     try:

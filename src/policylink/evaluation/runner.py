@@ -171,6 +171,14 @@ class _Run:
         self.env_info: dict[str, Any] = {}
         self._indices = itertools.count()
         self._lock = threading.Lock()
+        self._rtc_warned = False
+
+    def _rtc_unsupported(self) -> None:
+        """Say once per evaluation (not per episode or worker) that ``merge="rtc"`` falls back."""
+        with self._lock:
+            warn, self._rtc_warned = not self._rtc_warned, True
+        if warn:
+            logger.warning("the server's policy cannot do real-time chunking; merging latest-only")
 
     def next_index(self) -> int | None:
         with self._lock:
@@ -188,6 +196,9 @@ class _Run:
             execution = dataclasses.replace(config.execution, max_steps=config.max_steps or env.max_episode_steps)
             if execution.n_action_steps is None and metadata is not None:
                 execution = dataclasses.replace(execution, n_action_steps=metadata.n_action_steps or metadata.horizon)
+            if execution.merge == "rtc" and getattr(metadata, "rtc", None) is None:
+                self._rtc_unsupported()
+                execution = dataclasses.replace(execution, merge="latest", rtc_horizon=None, rtc_guidance=None)
             if number == 0:
                 self._describe(metadata, client, env, execution)
             while (index := self.next_index()) is not None:
@@ -198,6 +209,7 @@ class _Run:
                     result = run_episode(
                         env, client.infer, execution, index, config.seed + index, on_frame=grab,
                         reset=client.reset if policylink_server else None, stop=self.stop, listeners=self.listeners,
+                        metadata=metadata,
                     )
                 except BaseException:
                     _discard(video)

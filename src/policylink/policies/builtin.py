@@ -5,6 +5,9 @@ Each one says what it is in its metadata (``policy_type`` and
 
 - ``zeros`` / ``constant``: the same chunk every time.
 - ``random``: seeded uniform noise in ``[-1, 1]``.
+- ``flow`` (needs the ``server`` extra): a stochastic flow-matching policy
+  that samples each chunk from noise, as VLAs do, with real-time-chunking
+  guidance (:mod:`policylink.policies.flow`).
 - ``replay``: plays a recorded action trajectory (a ``.npy`` / ``.npz`` file,
   or a built-in smooth sine trajectory), chunk by chunk. If the observation
   carries a ``step`` number, the chunk starts at that step, so a client that
@@ -197,20 +200,31 @@ def _load_trajectory(actions: np.ndarray | str | Path | None, action_dim: int, f
     return trajectory
 
 
-BUILTIN_POLICIES: dict[str, type[BuiltinPolicy]] = {
+#: The flow policy's default chunk length: about 1.7 s at 30 Hz, like SmolVLA's and pi0's 50-step chunks.
+FLOW_HORIZON = 50
+
+BUILTIN_POLICIES: dict[str, type[BuiltinPolicy] | None] = {
     "zeros": ConstantPolicy,
     "constant": ConstantPolicy,
     "random": RandomPolicy,
     "replay": ReplayPolicy,
+    "flow": None,  # FlowPolicy needs torch and lerobot: imported when asked for
 }
 
 
 def make_builtin_policy(name: str, **kwargs: Any) -> BuiltinPolicy:
-    """Build a built-in policy by name (``zeros``, ``constant``, ``random``, ``replay``)."""
-    try:
-        cls = BUILTIN_POLICIES[name]
-    except KeyError:
-        raise ValueError(f"unknown built-in policy {name!r}; choose one of {sorted(BUILTIN_POLICIES)}") from None
+    """Build a built-in policy by name (``zeros``, ``constant``, ``random``, ``replay``, ``flow``)."""
+    if name not in BUILTIN_POLICIES:
+        raise ValueError(f"unknown built-in policy {name!r}; choose one of {sorted(BUILTIN_POLICIES)}")
+    cls = BUILTIN_POLICIES[name] or _server_builtin(name)
     if name == "zeros":
         kwargs["value"] = 0.0
     return cls(**kwargs)
+
+
+def _server_builtin(name: str) -> type[BuiltinPolicy]:
+    try:
+        from .flow import FlowPolicy
+    except ImportError as exc:
+        raise ImportError(f"the built-in {name!r} policy needs torch and lerobot: pip install 'policylink[server]' ({exc})") from None
+    return FlowPolicy

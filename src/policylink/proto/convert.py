@@ -14,6 +14,12 @@ parse into millions of values is refused before the protobuf parser builds
 it; :func:`proto_to_observation` then bounds the nesting of values, the
 dimensions of tensors and the pixels of ``jpeg`` images (read from the
 image header before decoding).
+
+The real-time-chunking fields and the noise seed, which the msgpack
+protocols carry in the observation map under ``"__rtc__"`` and
+``"__seed__"`` (:mod:`policylink.rtc.request`), travel in the typed
+``Observation.rtc`` and ``Observation.seed`` fields; decoding puts them back
+under those keys, so the engine checks them as for every other protocol.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from ..codec import checked_array, checked_dtype, refuse_unsendable
-from ..errors import ProtocolError
+from ..errors import ProtocolError, RequestError
 from ..limits import DEFAULT_LIMITS, DecodeLimits
+from ..rtc.request import RTC_KEY, SCHEDULES, SEED_KEY, RTCRequest, RTCSupport, parse_seed
 from ..types import PolicyMetadata
 from .v1 import policylink_pb2 as pb
 from .wire_limits import WireFormatError, check_wire
@@ -68,10 +75,70 @@ def tensor_to_array(tensor: pb.Tensor, name: str = "tensor", limits: DecodeLimit
 
 
 def observation_to_proto(obs: Mapping[str, Any], step: int = 0, jpeg_quality: int | None = None) -> pb.Observation:
-    """Encode an observation; with ``jpeg_quality``, HxWx3 uint8 frames travel as JPEG."""
+    """Encode an observation; with ``jpeg_quality``, HxWx3 uint8 frames travel as JPEG.
+
+    ``obs["__rtc__"]`` (a map as in :meth:`RTCRequest.to_wire`, or an
+    :class:`RTCRequest`) goes into ``Observation.rtc`` and ``obs["__seed__"]``
+    into ``Observation.seed`` (``None`` for either: not sent). Values the
+    typed fields cannot hold (a missing ``delay``, a fractional
+    ``execution_horizon``, an explicit ``guidance`` of 0, a negative seed, an
+    unknown field) raise :class:`RequestError` naming the field, as the
+    server would; the rest (a negative delay, a prefix of the wrong width)
+    is the server's to check.
+    """
     message = pb.Observation(step=int(step))
+    if RTC_KEY in obs or SEED_KEY in obs:
+        rtc, seed = obs.get(RTC_KEY), obs.get(SEED_KEY)
+        obs = {key: value for key, value in obs.items() if key != RTC_KEY and key != SEED_KEY}
+        if rtc is not None:
+            _fill_rtc(message.rtc, rtc)
+        if seed is not None:
+            message.seed = parse_seed(seed)
     _fill(message.fields, obs, jpeg_quality)
     return message
+
+
+#: The fields of ``"__rtc__"``: the first two are required.
+_RTC_FIELDS = ("prefix", "delay", "execution_horizon", "guidance", "schedule")
+_INT32 = (-(2**31), 2**31)
+
+
+def _fill_rtc(target: pb.RealTimeChunking, value: Any) -> None:
+    """Write the ``"__rtc__"`` map into ``Observation.rtc`` (see :func:`observation_to_proto`)."""
+    if isinstance(value, RTCRequest):
+        value = value.to_wire()
+    if not isinstance(value, Mapping):
+        raise RequestError(f"'{RTC_KEY}' must be a map with prefix and delay (and optionally execution_horizon), got {type(value).__name__}")
+    unknown = sorted(str(key) for key in value if key not in _RTC_FIELDS)
+    if unknown:
+        raise RequestError(f"'{RTC_KEY}' has unknown field(s) {unknown[:5]}; allowed: {', '.join(_RTC_FIELDS)}")
+    for name in _RTC_FIELDS[:2]:
+        if value.get(name) is None:
+            raise RequestError(f"'{RTC_KEY}' needs '{name}'")
+    target.prefix.CopyFrom(array_to_tensor(value["prefix"]))
+    for name in ("delay", "execution_horizon"):
+        number = value.get(name)
+        if number is None:  # execution_horizon left out: 0 on the wire, the server's default
+            continue
+        if name == "execution_horizon" and isinstance(number, (int, np.integer)) and not isinstance(number, bool) and number < 1:
+            # 0 on the wire means "the server's default": an explicit 0 would silently become it.
+            raise RequestError(f"'{RTC_KEY}.execution_horizon' must be a whole number >= 1, got '{int(number)}'")
+        if isinstance(number, np.integer):
+            number = int(number)
+        if isinstance(number, bool) or not isinstance(number, int) or not _INT32[0] <= number < _INT32[1]:
+            raise RequestError(f"'{RTC_KEY}.{name}' must be a whole number (a 32-bit integer on gRPC), got {str(number)!r:.50}")
+        setattr(target, name, number)
+    guidance = value.get("guidance")
+    if guidance is not None:
+        # 0 on the wire means "the server's default": an explicit 0 would silently become it.
+        if isinstance(guidance, (bool, np.bool_)) or not isinstance(guidance, (int, float, np.integer, np.floating)) or guidance == 0:
+            raise RequestError(f"'{RTC_KEY}.guidance' must be a number > 0, got {guidance!r:.50}")
+        target.guidance = float(guidance)
+    schedule = value.get("schedule")
+    if schedule is not None:
+        if not isinstance(schedule, str) or not schedule:
+            raise RequestError(f"'{RTC_KEY}.schedule' must be one of {list(SCHEDULES)}, got {str(schedule)!r:.50}")
+        target.schedule = schedule
 
 
 def _fill(fields: Any, values: Mapping[str, Any], jpeg_quality: int | None) -> None:
@@ -106,7 +173,30 @@ def proto_to_observation(message: pb.Observation, limits: DecodeLimits | None = 
     """
     if limits is None:
         limits = DEFAULT_LIMITS
-    return _read(message.fields, "", limits, 1, [0])
+    obs = _read(message.fields, "", limits, 1, [0])
+    for key, field in ((RTC_KEY, "rtc"), (SEED_KEY, "seed")):
+        if key in obs:
+            raise ProtocolError(f"'{key}' travels in the Observation.{field} field over gRPC, not in fields")
+    if message.HasField("rtc"):
+        obs[RTC_KEY] = _read_rtc(message.rtc, limits)
+    if message.HasField("seed"):
+        obs[SEED_KEY] = message.seed  # the engine refuses seeds past 2**63 - 1, naming the field
+    return obs
+
+
+def _read_rtc(message: pb.RealTimeChunking, limits: DecodeLimits) -> dict[str, Any]:
+    """``Observation.rtc`` as the ``"__rtc__"`` map (the engine checks it): guidance 0 and schedule "" are left out."""
+    rtc: dict[str, Any] = {}
+    if message.HasField("prefix"):  # else the engine names the missing field
+        rtc["prefix"] = tensor_to_array(message.prefix, f"{RTC_KEY}.prefix", limits)
+    rtc["delay"] = message.delay
+    if message.execution_horizon:
+        rtc["execution_horizon"] = message.execution_horizon
+    if message.guidance:
+        rtc["guidance"] = message.guidance
+    if message.schedule:
+        rtc["schedule"] = message.schedule
+    return rtc
 
 
 def _read(fields: Any, prefix: str, limits: DecodeLimits, depth: int, count: list[int]) -> dict[str, Any]:
@@ -218,7 +308,30 @@ def frame_to_metadata(frame: Mapping[str, Any], session_id: str = "") -> pb.Meta
         max_message_bytes=limit,
         action_low=list(frame.get("action_low") or ()),
         action_high=list(frame.get("action_high") or ()),
+        rtc=_support_to_proto(frame.get("rtc")),
     )
+
+
+def _support_to_proto(support: Any) -> pb.RealTimeChunkingSupport | None:
+    """The frame's ``rtc`` (a map, an :class:`RTCSupport` or ``None``) as a message (``None``: the field stays unset)."""
+    if support is None:
+        return None
+    if isinstance(support, RTCSupport):
+        support = support.to_dict()
+    return pb.RealTimeChunkingSupport(
+        guidance=float(support.get("guidance") or 0.0), max_guidance=float(support.get("max_guidance") or 0.0),
+        schedule=str(support.get("schedule") or ""), execution_horizon=int(support.get("execution_horizon") or 0),
+    )
+
+
+def _support_from_proto(message: pb.Metadata) -> dict[str, Any] | None:
+    """``Metadata.rtc`` as the frame's ``rtc`` map; fields left at 0 / empty take :class:`RTCSupport`'s defaults."""
+    if not message.HasField("rtc"):
+        return None
+    support = message.rtc
+    values = {"guidance": support.guidance, "max_guidance": support.max_guidance,
+              "schedule": support.schedule, "execution_horizon": support.execution_horizon}
+    return {**RTCSupport().to_dict(), **{key: value for key, value in values.items() if value}}
 
 
 def metadata_to_frame(message: pb.Metadata) -> dict[str, Any]:
@@ -239,5 +352,6 @@ def metadata_to_frame(message: pb.Metadata) -> dict[str, Any]:
         "action_space": message.action_space or "joint_position",
         "action_low": list(message.action_low) or None,
         "action_high": list(message.action_high) or None,
+        "rtc": _support_from_proto(message),
     })
     return {"status": message.status or "ready", **metadata.to_dict(), **server}

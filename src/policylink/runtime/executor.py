@@ -21,7 +21,50 @@ Latency compensation: every request carries the control step of its
 observation (key ``step``), and every chunk is stamped with it; when the
 chunk arrives at a later step, the actions for steps already past are
 dropped, exactly as many as elapsed. Overlapping chunks are combined by a
-:class:`~policylink.runtime.merging.MergeRule`.
+:class:`~policylink.runtime.merging.MergeRule` (:attr:`ExecutorConfig.merge`):
+``latest`` (the new chunk replaces the queue), ``average``, ``ensemble``, or:
+
+``rtc``, real-time chunking (Black et al., 2025; async mode only, with
+latency compensation)
+    Every request sent while actions are still queued carries, under the
+    observation key ``"__rtc__"`` (:class:`~policylink.rtc.RTCRequest`):
+
+    - ``prefix``: the queued actions not executed yet, as the server sent
+      them (policy space, before any filter; at most ``n_action_steps``):
+      ``prefix[i]`` is the action planned for the request's step ``+ i``;
+    - ``delay``: the steps expected to pass before the reply is used,
+      clamped to ``[0, len(prefix)]``. In simulated time
+      (:class:`~policylink.runtime.clock.SteppedClock`) it is exactly the
+      clock's ``latency_steps``. In real time ``d = ceil(latency * fps - 0.1)``
+      with ``latency`` the recent latency estimate
+      (:class:`~policylink.runtime.stats.LatencyEstimator`: by default the 90th
+      percentile of the last 20 round trips, measured from tick to tick, so
+      whole ticks but for jitter, which the 0.1 absorbs); until a chunk the
+      loop did not wait for has arrived, the client-measured round trip of
+      the first chunk stands in (0 if unknown);
+    - ``execution_horizon``: ``rtc_horizon`` (default: the whole prefix),
+      clamped to ``[d, len(prefix)]``; and ``guidance`` when ``rtc_guidance``
+      is set (else the server's default; above the server's announced
+      ``max_guidance`` it is lowered to it, with one warning).
+
+    The first request of an episode (and the first after a pause or a
+    failed request that let the queue run dry) has nothing queued and
+    carries no such fields. The server steers the new chunk so that it
+    continues the prefix. When it arrives ``e`` steps after its observation
+    (``e`` = the steps executed meanwhile, all from the queue), the queue
+    becomes ``new[e:]`` (then at most ``n_action_steps`` actions): the
+    already queued actions were executed for the ``e`` elapsed steps and the
+    new chunk continues from index ``e``; an exact splice, no blend. The
+    boundary jump (``stats.boundary_jumps``) is between the last executed old
+    action and ``new[e]``. Sync mode is refused: there the queue is empty
+    whenever a chunk is requested, so there is nothing to send.
+
+    Whether the server can do it is read from the policy's metadata
+    (``metadata.rtc``) when the first request goes out. Without it (a server
+    whose policy announces no RTC support, or a policy with no metadata) the
+    executor logs once "the server's policy cannot do real-time chunking;
+    merging latest-only", sends no RTC fields and merges latest-only;
+    :meth:`Executor.status` then says ``merge: "latest (rtc unsupported)"``.
 
 Safety, with the default settings:
 
@@ -64,11 +107,12 @@ from typing import Any
 import numpy as np
 
 from ..envs.base import Env, StepResult
+from ..rtc.request import RTC_KEY, RTCRequest, RTCSupport
 from ..types import Observation
 from .clock import Clock, RealTimeClock
 from .events import ChunkEvent, EpisodeEvent, LoopListener, StepEvent
 from .filters import ActionMapping, ChunkRejected, ChunkValidator, FilterChain, ReadyPose
-from .merging import LatestOnly, MergeRule, make_merge_rule
+from .merging import LatestOnly, MergeRule, RTCSplice, make_merge_rule
 from .safety import DEFAULT_BOUNDS_MARGIN, ActionBounds, Backoff, ResumeRamp, step_towards
 from .stats import LatencyEstimator, LoopStats
 
@@ -82,6 +126,13 @@ WATCHDOG_ACTIONS = ("hold", "ready", "stop")
 
 #: Turns an observation into a ``(horizon, action_dim)`` chunk (``PolicyClient.infer``).
 InferFn = Callable[[Observation], Any]
+
+#: Real-time chunking: ``d = ceil(latency * fps - RTC_DELAY_SLACK)``. Round trips are measured from
+#: tick to tick, so they are whole ticks apart but for clock jitter, which this much of a tick absorbs.
+RTC_DELAY_SLACK = 0.1
+#: What the executor logs (once) when the server's policy cannot do real-time chunking.
+RTC_UNSUPPORTED = "the server's policy cannot do real-time chunking; merging latest-only"
+_UNKNOWN: Any = object()
 
 
 @dataclasses.dataclass
@@ -98,6 +149,8 @@ class ExecutorConfig:
     adaptive_threshold: bool = True
     #: Drop the actions whose step passed while the request ran.
     compensate: bool = True
+    #: How a fresh chunk combines with the queued actions: ``latest``, ``average``, ``ensemble``, ``rtc``
+    #: (real-time chunking, see the module's docstring) or a :class:`~policylink.runtime.merging.MergeRule`.
     merge: MergeRule | str = "latest"
     #: Seconds without a fresh action before the watchdog trips; older chunks are stale.
     watchdog_s: float = 1.0
@@ -118,6 +171,11 @@ class ExecutorConfig:
     #: ``None``: ``resume_factor`` times the largest per-tick change seen in normal running.
     resume_max_delta: float | None = None
     resume_factor: float = 2.0
+    #: Merge ``rtc``: steps of the queued remainder that guide the new chunk (``execution_horizon``;
+    #: ``None``: the whole remainder), at least the delay, at most the remainder.
+    rtc_horizon: int | None = None
+    #: Merge ``rtc``: guidance weight asked of the server (``None``: the server's default).
+    rtc_guidance: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -138,6 +196,23 @@ class ExecutorConfig:
             raise ValueError(f"bounds_margin must not be negative, got {self.bounds_margin}")
         if isinstance(self.merge, str):
             self.merge = make_merge_rule(self.merge)
+        if isinstance(self.merge, RTCSplice):
+            if not self.compensate:
+                raise ValueError(
+                    "merge 'rtc' needs latency compensation (compensate=True; CLI: no --no-compensation): the new chunk "
+                    "is spliced in at the index of the steps executed while it was computed, which compensation drops"
+                )
+            if self.mode != "async":
+                raise ValueError(
+                    f"merge 'rtc' needs mode 'async', got {self.mode!r}: in sync mode nothing is queued when a chunk is "
+                    "requested, so there is no remainder for the server to continue"
+                )
+        elif self.rtc_horizon is not None or self.rtc_guidance is not None:
+            raise ValueError(f"rtc_horizon and rtc_guidance apply to merge 'rtc' only, not {getattr(self.merge, 'name', self.merge)!r}")
+        if self.rtc_horizon is not None and self.rtc_horizon < 1:
+            raise ValueError(f"rtc_horizon must be at least 1, got {self.rtc_horizon}")
+        if self.rtc_guidance is not None and not (math.isfinite(self.rtc_guidance) and self.rtc_guidance > 0):
+            raise ValueError(f"rtc_guidance must be a number > 0, got {self.rtc_guidance}")
 
 
 @dataclasses.dataclass
@@ -148,6 +223,8 @@ class _Request:
     sent_tick: int
     sent_time: float
     generation: int
+    #: An episode's first chunk, which the loop waits for (its age says nothing about the latency).
+    awaited: bool = False
 
 
 class Executor:
@@ -187,6 +264,7 @@ class Executor:
     ) -> None:
         self.config = config or ExecutorConfig()
         self.env = env
+        self._policy = policy
         self._infer: InferFn = getattr(policy, "infer", policy)
         self._policy_reset: Callable[[], Any] | None = getattr(policy, "reset", None)
         self.clock: Clock = clock or RealTimeClock(self.config.fps)
@@ -223,6 +301,14 @@ class Executor:
         #: The last episodes' results (bounded: a robot may run episodes all day).
         self.episode_results: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self._merge: MergeRule = self.config.merge if not isinstance(self.config.merge, str) else LatestOnly()
+        #: Real-time chunking: the server's support (``_UNKNOWN`` until the first request reads it; ``None``: it cannot).
+        self._rtc_support: Any = _UNKNOWN if isinstance(self._merge, RTCSplice) else None
+        self._rtc_guidance = self.config.rtc_guidance
+        self._rtc_metadata_failed = False
+        #: Whether a chunk the loop did not wait for has arrived (the latency estimate then measures the loop's delay).
+        self._latency_measured = False
+        #: The round trip of the first chunk (measured by the client), the delay's estimate until then.
+        self._first_roundtrip_s: float | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="policylink-request")
         # Operator controls, set from any thread.
         self._lock = threading.Lock()
@@ -320,7 +406,7 @@ class Executor:
             "state": self._state,
             "running": self._running.is_set() and self._state not in ("idle", "finished"),
             "mode": self.config.mode,
-            "merge": getattr(self._merge, "name", type(self._merge).__name__),
+            "merge": self._merge_mode(),
             "episode": self.episode,
             "step": self.step,
             "queue": len(self._queue),
@@ -332,6 +418,13 @@ class Executor:
             "watchdog_trips": stats.watchdog_trips,
             "roundtrip_ms": round(self._last_roundtrip_ms, 2),
         }
+
+    def _merge_mode(self) -> str:
+        """The merge rule in effect: ``rtc`` falls back to latest-only against a server that cannot do it."""
+        name = getattr(self._merge, "name", type(self._merge).__name__)
+        if isinstance(self._merge, RTCSplice) and self._rtc_support is None:
+            return "latest (rtc unsupported)"
+        return name
 
     def status_line(self) -> str:
         """One line for a live terminal status."""
@@ -455,8 +548,64 @@ class Executor:
             obs["step"] = np.int64(self.step)
         if self.config.task is not None and "task" not in obs:
             obs["task"] = self.config.task
-        future = self._pool.submit(self._infer, obs)
+        if self._rtc_support is None:
+            future = self._pool.submit(self._infer, obs)
+        else:  # real-time chunking, or not yet known whether the server can
+            future = self._pool.submit(self._infer_rtc, obs, self._rtc_request())
         self._pending = _Request(future, self._chunk_counter, self.step, self.clock.ticks, self.clock.now(), self._generation)
+
+    def _rtc_request(self) -> RTCRequest | None:
+        """The real-time-chunking fields for a request sent now: the queued remainder, the expected delay, the horizon.
+
+        ``None`` when nothing is queued (an episode's first request). The
+        queue's first action is the one for the present step, the step of
+        the observation sent, so ``prefix[i]`` belongs to the chunk's step ``i``.
+        """
+        queued = len(self._queue)
+        if queued == 0:
+            return None
+        delay = min(self._rtc_delay(), queued)
+        horizon = queued if self.config.rtc_horizon is None else min(max(self.config.rtc_horizon, delay), queued)
+        return RTCRequest(np.array(self._queue, np.float32), delay, max(horizon, 1))
+
+    def _rtc_delay(self) -> int:
+        """Control steps expected between sending a request now and using its reply (before clamping to the queue)."""
+        simulated = getattr(self.clock, "latency_steps", None)
+        if simulated is not None:  # simulated time: a reply is used exactly latency_steps ticks after its request
+            return int(simulated)
+        estimate = self.latency.estimate()
+        if not self._latency_measured and self._first_roundtrip_s is not None:
+            # Only the awaited first chunk so far (its age counts as 0): its round trip is the best guess.
+            estimate = max(estimate or 0.0, self._first_roundtrip_s)
+        return 0 if estimate is None else max(0, math.ceil(estimate * self.clock.fps - RTC_DELAY_SLACK))
+
+    def _infer_rtc(self, obs: Observation, request: RTCRequest | None) -> Any:
+        """On the request thread: learn whether the server can do real-time chunking (once), then send."""
+        if self._rtc_support is _UNKNOWN:
+            self._resolve_rtc()
+        support = self._rtc_support
+        if request is not None and support is not None and support is not _UNKNOWN:
+            obs[RTC_KEY] = RTCRequest(request.prefix, request.delay, request.execution_horizon, self._rtc_guidance).to_wire()
+        return self._infer(obs)
+
+    def _resolve_rtc(self) -> None:
+        """Read the policy's metadata: does it steer chunks with real-time-chunking fields? Warns once if not."""
+        try:
+            metadata = getattr(self._policy, "metadata", None)
+        except Exception as exc:  # the server is unreachable: ask again with the next request
+            if not self._rtc_metadata_failed:
+                self._rtc_metadata_failed = True
+                logger.warning("could not read the policy's metadata to learn whether it can do real-time chunking: %s", exc)
+            return
+        support = getattr(metadata, "rtc", None)
+        if not isinstance(support, RTCSupport):
+            logger.warning(RTC_UNSUPPORTED)
+            self._rtc_support = None
+            return
+        if self._rtc_guidance is not None and self._rtc_guidance > support.max_guidance:
+            logger.warning("rtc_guidance %g is above the server's limit %g; asking for %g", self._rtc_guidance, support.max_guidance, support.max_guidance)
+            self._rtc_guidance = support.max_guidance
+        self._rtc_support = support
 
     def _should_request(self) -> bool:
         if self._pending is not None or self.clock.now() < self._retry_at:
@@ -502,6 +651,10 @@ class Executor:
         server_timing = {k: float(v) for k, v in (getattr(chunk, "server_timing", None) or {}).items() if isinstance(v, (int, float))}
         age = self.clock.now() - pending.sent_time
         self.latency.add(age)
+        if not pending.awaited:
+            self._latency_measured = True
+        elif roundtrip_ms and self._first_roundtrip_s is None:
+            self._first_roundtrip_s = roundtrip_ms / 1e3
         self._last_roundtrip_ms = roundtrip_ms or age * 1e3
         self._last_server_timing = server_timing
         self.stats.roundtrips_ms.append(self._last_roundtrip_ms)
@@ -597,6 +750,7 @@ class Executor:
             # The first chunk's delay is not simulated: the robot waits for it.
             pending.sent_tick = self.clock.ticks - getattr(self.clock, "latency_steps", 0)
             pending.sent_time = self.clock.now()
+            pending.awaited = True
             problem = self._collect()
             if problem is None:
                 continue

@@ -17,6 +17,11 @@ Rules:
   for a step is averaged with weight ``exp(-k * i)``, ``i = 0`` for the
   oldest, so a positive ``k`` favours earlier predictions (smoother), a
   negative one favours the newest (more reactive).
+- :class:`RTCSplice`: real-time chunking (Black et al., 2025). The executor
+  sends the queued remainder with each request so that a server able to
+  (a flow-matching policy) makes the new chunk continue it; the new chunk
+  then replaces the queue from the step it arrives at: an exact splice, no
+  blend (what merges is latest-only; the executor does the rest).
 
 Write your own by implementing ``merge(old, new, counts)``.
 """
@@ -28,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["MergeRule", "LatestOnly", "WeightedAverage", "TemporalEnsemble", "MERGE_RULES", "make_merge_rule"]
+__all__ = ["MergeRule", "LatestOnly", "WeightedAverage", "TemporalEnsemble", "RTCSplice", "MERGE_RULES", "make_merge_rule"]
 
 
 class MergeRule(Protocol):
@@ -110,11 +115,29 @@ class TemporalEnsemble:
         return f"TemporalEnsemble(k={self.k})"
 
 
-MERGE_RULES = {"latest": LatestOnly, "average": WeightedAverage, "ensemble": TemporalEnsemble}
+class RTCSplice(LatestOnly):
+    """Real-time chunking: the fresh chunk replaces the queue from the step it arrives at, exactly.
+
+    Merging itself is latest-only: the continuity comes from the request.
+    With this rule the :class:`~policylink.runtime.executor.Executor` sends
+    the actions still queued (and the delay it expects) with every request,
+    so that a server whose policy can do real-time chunking computes a chunk
+    whose first steps follow them; latency compensation then drops exactly
+    the steps executed meanwhile. Against a server that cannot, it is
+    :class:`LatestOnly`.
+    """
+
+    name = "rtc"
+
+    def __repr__(self) -> str:
+        return "RTCSplice()"
+
+
+MERGE_RULES = {"latest": LatestOnly, "average": WeightedAverage, "ensemble": TemporalEnsemble, "rtc": RTCSplice}
 
 
 def make_merge_rule(name: str, **options: float) -> MergeRule:
-    """Build a rule by name: ``latest``, ``average`` (``old_weight``) or ``ensemble`` (``k``)."""
+    """Build a rule by name: ``latest``, ``average`` (``old_weight``), ``ensemble`` (``k``) or ``rtc``."""
     try:
         cls = MERGE_RULES[name]
     except KeyError:

@@ -50,6 +50,7 @@ from ..errors import (
     RequestExpired,
     ServerBusy,
 )
+from ..rtc.request import RTC_KEY, SEED_KEY, RTCRequest, parse_seed
 from ..types import Observation, Policy, PolicyMetadata, Reply, as_action_chunk
 from .auth import ApiKey
 from .batching import BatchScheduler
@@ -420,6 +421,7 @@ class Engine:
             raise RequestError(f"an observation must be a map of named fields, got {type(obs).__name__}")
         if session.task is not None and "task" not in obs and "prompt" not in obs:
             obs = {**obs, "task": session.task}
+        obs = _sampling_fields(obs, model.metadata)
         session.requests += 1
         self.models.retain(model)  # the model stays loaded until this request is done
         try:
@@ -564,6 +566,26 @@ class Engine:
 def _timed_decode(decode: Callable[[Any], Any], payload: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     return decode(payload), (time.perf_counter() - started) * 1e3
+
+
+def _sampling_fields(obs: Observation, metadata: PolicyMetadata) -> Observation:
+    """The observation with its real-time-chunking fields and noise seed checked (typed), or taken out.
+
+    The policy finds an :class:`~policylink.rtc.RTCRequest` under
+    :data:`~policylink.rtc.RTC_KEY` only when its metadata announces RTC
+    support; for other policies the fields are ignored (the metadata says so).
+    """
+    if RTC_KEY not in obs and SEED_KEY not in obs:
+        return obs
+    obs = dict(obs)
+    rtc = RTCRequest.from_wire(obs.pop(RTC_KEY)) if obs.get(RTC_KEY) is not None else obs.pop(RTC_KEY, None)
+    seed = parse_seed(obs.pop(SEED_KEY, None))
+    if rtc is not None and metadata.rtc is not None:
+        rtc.check(metadata.rtc, metadata.action_dim, metadata.horizon)
+        obs[RTC_KEY] = rtc
+    if seed is not None:
+        obs[SEED_KEY] = seed
+    return obs
 
 
 def _checked_reply(reply: Any, metadata: PolicyMetadata) -> Reply:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$policylink/proto/v1/policylink.proto\x12\rpolicylink.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x90\x01\n\x05Value\x12\'\n\x06tensor\x18\x01 \x01(\x0b\x32\x15.policylink.v1.TensorH\x00\x12\x0e\n\x04jpeg\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x10\n\x06number\x18\x04 \x01(\x01H\x00\x12$\n\x03map\x18\x05 \x01(\x0b\x32\x15.policylink.v1.FieldsH\x00\x42\x06\n\x04kind\"\x80\x01\n\x06\x46ields\x12\x31\n\x06\x66ields\x18\x01 \x03(\x0b\x32!.policylink.v1.Fields.FieldsEntry\x1a\x43\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.policylink.v1.Value:\x02\x38\x01\"\x98\x01\n\x0bObservation\x12\x36\n\x06\x66ields\x18\x01 \x03(\x0b\x32&.policylink.v1.Observation.FieldsEntry\x12\x0c\n\x04step\x18\x02 \x01(\x03\x1a\x43\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.policylink.v1.Value:\x02\x38\x01\"\xe0\x01\n\x0b\x41\x63tionChunk\x12&\n\x07\x61\x63tions\x18\x01 \x01(\x0b\x32\x15.policylink.v1.Tensor\x12\x43\n\rserver_timing\x18\x02 \x03(\x0b\x32,.policylink.v1.ActionChunk.ServerTimingEntry\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_kind\x18\x05 \x01(\t\x1a\x33\n\x11ServerTimingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"+\n\x0b\x46\x65\x61tureSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\"\xcb\x03\n\x08Metadata\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_type\x18\x03 \x01(\t\x12\x12\n\naction_dim\x18\x04 \x01(\x05\x12\x0f\n\x07horizon\x18\x05 \x01(\x05\x12\x16\n\x0en_action_steps\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x01\x12\x42\n\x0einput_features\x18\x08 \x03(\x0b\x32*.policylink.v1.Metadata.InputFeaturesEntry\x12\x14\n\x0c\x63\x61mera_names\x18\t \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x14\n\x0c\x61\x63tion_space\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x12\n\nsession_id\x18\r \x01(\t\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x03\x12\x12\n\naction_low\x18\x0f \x03(\x01\x12\x13\n\x0b\x61\x63tion_high\x18\x10 \x03(\x01\x1aP\n\x12InputFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.policylink.v1.FeatureSpec:\x02\x38\x01\"\x11\n\x0fMetadataRequest\"\xd9\x01\n\x10\x43onfigureRequest\x12\x13\n\x0bpolicy_path\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x42\n\nrename_map\x18\x05 \x03(\x0b\x32..policylink.v1.ConfigureRequest.RenameMapEntry\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x01\x1a\x30\n\x0eRenameMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0e\n\x0cResetRequest\"\x0c\n\nResetReply\"\x0e\n\x0c\x43loseRequest\"\x0c\n\nCloseReply2\xa7\x03\n\rPolicyService\x12\x46\n\x0bGetMetadata\x12\x1e.policylink.v1.MetadataRequest\x1a\x17.policylink.v1.Metadata\x12\x45\n\tConfigure\x12\x1f.policylink.v1.ConfigureRequest\x1a\x17.policylink.v1.Metadata\x12?\n\x05Infer\x12\x1a.policylink.v1.Observation\x1a\x1a.policylink.v1.ActionChunk\x12\x44\n\x06Stream\x12\x1a.policylink.v1.Observation\x1a\x1a.policylink.v1.ActionChunk(\x01\x30\x01\x12?\n\x05Reset\x12\x1b.policylink.v1.ResetRequest\x1a\x19.policylink.v1.ResetReply\x12?\n\x05\x43lose\x12\x1b.policylink.v1.CloseRequest\x1a\x19.policylink.v1.CloseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$policylink/proto/v1/policylink.proto\x12\rpolicylink.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x90\x01\n\x05Value\x12\'\n\x06tensor\x18\x01 \x01(\x0b\x32\x15.policylink.v1.TensorH\x00\x12\x0e\n\x04jpeg\x18\x02 \x01(\x0cH\x00\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12\x10\n\x06number\x18\x04 \x01(\x01H\x00\x12$\n\x03map\x18\x05 \x01(\x0b\x32\x15.policylink.v1.FieldsH\x00\x42\x06\n\x04kind\"\x80\x01\n\x06\x46ields\x12\x31\n\x06\x66ields\x18\x01 \x03(\x0b\x32!.policylink.v1.Fields.FieldsEntry\x1a\x43\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.policylink.v1.Value:\x02\x38\x01\"\xe2\x01\n\x0bObservation\x12\x36\n\x06\x66ields\x18\x01 \x03(\x0b\x32&.policylink.v1.Observation.FieldsEntry\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12,\n\x03rtc\x18\x03 \x01(\x0b\x32\x1f.policylink.v1.RealTimeChunking\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x1a\x43\n\x0b\x46ieldsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.policylink.v1.Value:\x02\x38\x01\x42\x07\n\x05_seed\"\x87\x01\n\x10RealTimeChunking\x12%\n\x06prefix\x18\x01 \x01(\x0b\x32\x15.policylink.v1.Tensor\x12\r\n\x05\x64\x65lay\x18\x02 \x01(\x05\x12\x19\n\x11\x65xecution_horizon\x18\x03 \x01(\x05\x12\x10\n\x08guidance\x18\x04 \x01(\x01\x12\x10\n\x08schedule\x18\x05 \x01(\t\"\xe0\x01\n\x0b\x41\x63tionChunk\x12&\n\x07\x61\x63tions\x18\x01 \x01(\x0b\x32\x15.policylink.v1.Tensor\x12\x43\n\rserver_timing\x18\x02 \x03(\x0b\x32,.policylink.v1.ActionChunk.ServerTimingEntry\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_kind\x18\x05 \x01(\t\x1a\x33\n\x11ServerTimingEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"+\n\x0b\x46\x65\x61tureSpec\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\"\x80\x04\n\x08Metadata\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bpolicy_type\x18\x03 \x01(\t\x12\x12\n\naction_dim\x18\x04 \x01(\x05\x12\x0f\n\x07horizon\x18\x05 \x01(\x05\x12\x16\n\x0en_action_steps\x18\x06 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x07 \x01(\x01\x12\x42\n\x0einput_features\x18\x08 \x03(\x0b\x32*.policylink.v1.Metadata.InputFeaturesEntry\x12\x14\n\x0c\x63\x61mera_names\x18\t \x03(\t\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x14\n\x0c\x61\x63tion_space\x18\x0b \x01(\t\x12\x0f\n\x07message\x18\x0c \x01(\t\x12\x12\n\nsession_id\x18\r \x01(\t\x12\x19\n\x11max_message_bytes\x18\x0e \x01(\x03\x12\x12\n\naction_low\x18\x0f \x03(\x01\x12\x13\n\x0b\x61\x63tion_high\x18\x10 \x03(\x01\x12\x33\n\x03rtc\x18\x11 \x01(\x0b\x32&.policylink.v1.RealTimeChunkingSupport\x1aP\n\x12InputFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.policylink.v1.FeatureSpec:\x02\x38\x01\"n\n\x17RealTimeChunkingSupport\x12\x10\n\x08guidance\x18\x01 \x01(\x01\x12\x14\n\x0cmax_guidance\x18\x02 \x01(\x01\x12\x10\n\x08schedule\x18\x03 \x01(\t\x12\x19\n\x11\x65xecution_horizon\x18\x04 \x01(\x05\"\x11\n\x0fMetadataRequest\"\xd9\x01\n\x10\x43onfigureRequest\x12\x13\n\x0bpolicy_path\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x42\n\nrename_map\x18\x05 \x03(\x0b\x32..policylink.v1.ConfigureRequest.RenameMapEntry\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x01\x1a\x30\n\x0eRenameMapEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x0e\n\x0cResetRequest\"\x0c\n\nResetReply\"\x0e\n\x0c\x43loseRequest\"\x0c\n\nCloseReply2\xa7\x03\n\rPolicyService\x12\x46\n\x0bGetMetadata\x12\x1e.policylink.v1.MetadataRequest\x1a\x17.policylink.v1.Metadata\x12\x45\n\tConfigure\x12\x1f.policylink.v1.ConfigureRequest\x1a\x17.policylink.v1.Metadata\x12?\n\x05Infer\x12\x1a.policylink.v1.Observation\x1a\x1a.policylink.v1.ActionChunk\x12\x44\n\x06Stream\x12\x1a.policylink.v1.Observation\x1a\x1a.policylink.v1.ActionChunk(\x01\x30\x01\x12?\n\x05Reset\x12\x1b.policylink.v1.ResetRequest\x1a\x19.policylink.v1.ResetReply\x12?\n\x05\x43lose\x12\x1b.policylink.v1.CloseRequest\x1a\x19.policylink.v1.CloseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,33 +50,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FIELDS_FIELDSENTRY']._serialized_start=318
   _globals['_FIELDS_FIELDSENTRY']._serialized_end=385
   _globals['_OBSERVATION']._serialized_start=388
-  _globals['_OBSERVATION']._serialized_end=540
+  _globals['_OBSERVATION']._serialized_end=614
   _globals['_OBSERVATION_FIELDSENTRY']._serialized_start=318
   _globals['_OBSERVATION_FIELDSENTRY']._serialized_end=385
-  _globals['_ACTIONCHUNK']._serialized_start=543
-  _globals['_ACTIONCHUNK']._serialized_end=767
-  _globals['_ACTIONCHUNK_SERVERTIMINGENTRY']._serialized_start=716
-  _globals['_ACTIONCHUNK_SERVERTIMINGENTRY']._serialized_end=767
-  _globals['_FEATURESPEC']._serialized_start=769
-  _globals['_FEATURESPEC']._serialized_end=812
-  _globals['_METADATA']._serialized_start=815
-  _globals['_METADATA']._serialized_end=1274
-  _globals['_METADATA_INPUTFEATURESENTRY']._serialized_start=1194
-  _globals['_METADATA_INPUTFEATURESENTRY']._serialized_end=1274
-  _globals['_METADATAREQUEST']._serialized_start=1276
-  _globals['_METADATAREQUEST']._serialized_end=1293
-  _globals['_CONFIGUREREQUEST']._serialized_start=1296
-  _globals['_CONFIGUREREQUEST']._serialized_end=1513
-  _globals['_CONFIGUREREQUEST_RENAMEMAPENTRY']._serialized_start=1465
-  _globals['_CONFIGUREREQUEST_RENAMEMAPENTRY']._serialized_end=1513
-  _globals['_RESETREQUEST']._serialized_start=1515
-  _globals['_RESETREQUEST']._serialized_end=1529
-  _globals['_RESETREPLY']._serialized_start=1531
-  _globals['_RESETREPLY']._serialized_end=1543
-  _globals['_CLOSEREQUEST']._serialized_start=1545
-  _globals['_CLOSEREQUEST']._serialized_end=1559
-  _globals['_CLOSEREPLY']._serialized_start=1561
-  _globals['_CLOSEREPLY']._serialized_end=1573
-  _globals['_POLICYSERVICE']._serialized_start=1576
-  _globals['_POLICYSERVICE']._serialized_end=1999
+  _globals['_REALTIMECHUNKING']._serialized_start=617
+  _globals['_REALTIMECHUNKING']._serialized_end=752
+  _globals['_ACTIONCHUNK']._serialized_start=755
+  _globals['_ACTIONCHUNK']._serialized_end=979
+  _globals['_ACTIONCHUNK_SERVERTIMINGENTRY']._serialized_start=928
+  _globals['_ACTIONCHUNK_SERVERTIMINGENTRY']._serialized_end=979
+  _globals['_FEATURESPEC']._serialized_start=981
+  _globals['_FEATURESPEC']._serialized_end=1024
+  _globals['_METADATA']._serialized_start=1027
+  _globals['_METADATA']._serialized_end=1539
+  _globals['_METADATA_INPUTFEATURESENTRY']._serialized_start=1459
+  _globals['_METADATA_INPUTFEATURESENTRY']._serialized_end=1539
+  _globals['_REALTIMECHUNKINGSUPPORT']._serialized_start=1541
+  _globals['_REALTIMECHUNKINGSUPPORT']._serialized_end=1651
+  _globals['_METADATAREQUEST']._serialized_start=1653
+  _globals['_METADATAREQUEST']._serialized_end=1670
+  _globals['_CONFIGUREREQUEST']._serialized_start=1673
+  _globals['_CONFIGUREREQUEST']._serialized_end=1890
+  _globals['_CONFIGUREREQUEST_RENAMEMAPENTRY']._serialized_start=1842
+  _globals['_CONFIGUREREQUEST_RENAMEMAPENTRY']._serialized_end=1890
+  _globals['_RESETREQUEST']._serialized_start=1892
+  _globals['_RESETREQUEST']._serialized_end=1906
+  _globals['_RESETREPLY']._serialized_start=1908
+  _globals['_RESETREPLY']._serialized_end=1920
+  _globals['_CLOSEREQUEST']._serialized_start=1922
+  _globals['_CLOSEREQUEST']._serialized_end=1936
+  _globals['_CLOSEREPLY']._serialized_start=1938
+  _globals['_CLOSEREPLY']._serialized_end=1950
+  _globals['_POLICYSERVICE']._serialized_start=1953
+  _globals['_POLICYSERVICE']._serialized_end=2376
 # @@protoc_insertion_point(module_scope)

@@ -44,7 +44,7 @@ class Fields(_message.Message):
     def __init__(self, fields: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class Observation(_message.Message):
-    __slots__ = ("fields", "step")
+    __slots__ = ("fields", "step", "rtc", "seed")
     class FieldsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,9 +54,27 @@ class Observation(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
     FIELDS_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    RTC_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     fields: _containers.MessageMap[str, Value]
     step: int
-    def __init__(self, fields: _Optional[_Mapping[str, Value]] = ..., step: _Optional[int] = ...) -> None: ...
+    rtc: RealTimeChunking
+    seed: int
+    def __init__(self, fields: _Optional[_Mapping[str, Value]] = ..., step: _Optional[int] = ..., rtc: _Optional[_Union[RealTimeChunking, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class RealTimeChunking(_message.Message):
+    __slots__ = ("prefix", "delay", "execution_horizon", "guidance", "schedule")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    DELAY_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_HORIZON_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    prefix: Tensor
+    delay: int
+    execution_horizon: int
+    guidance: float
+    schedule: str
+    def __init__(self, prefix: _Optional[_Union[Tensor, _Mapping]] = ..., delay: _Optional[int] = ..., execution_horizon: _Optional[int] = ..., guidance: _Optional[float] = ..., schedule: _Optional[str] = ...) -> None: ...
 
 class ActionChunk(_message.Message):
     __slots__ = ("actions", "server_timing", "step", "error", "error_kind")
@@ -88,7 +106,7 @@ class FeatureSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Metadata(_message.Message):
-    __slots__ = ("status", "model_id", "policy_type", "action_dim", "horizon", "n_action_steps", "fps", "input_features", "camera_names", "description", "action_space", "message", "session_id", "max_message_bytes", "action_low", "action_high")
+    __slots__ = ("status", "model_id", "policy_type", "action_dim", "horizon", "n_action_steps", "fps", "input_features", "camera_names", "description", "action_space", "message", "session_id", "max_message_bytes", "action_low", "action_high", "rtc")
     class InputFeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +130,7 @@ class Metadata(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTION_LOW_FIELD_NUMBER: _ClassVar[int]
     ACTION_HIGH_FIELD_NUMBER: _ClassVar[int]
+    RTC_FIELD_NUMBER: _ClassVar[int]
     status: str
     model_id: str
     policy_type: str
@@ -128,7 +147,20 @@ class Metadata(_message.Message):
     max_message_bytes: int
     action_low: _containers.RepeatedScalarFieldContainer[float]
     action_high: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, status: _Optional[str] = ..., model_id: _Optional[str] = ..., policy_type: _Optional[str] = ..., action_dim: _Optional[int] = ..., horizon: _Optional[int] = ..., n_action_steps: _Optional[int] = ..., fps: _Optional[float] = ..., input_features: _Optional[_Mapping[str, FeatureSpec]] = ..., camera_names: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., action_space: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ...) -> None: ...
+    rtc: RealTimeChunkingSupport
+    def __init__(self, status: _Optional[str] = ..., model_id: _Optional[str] = ..., policy_type: _Optional[str] = ..., action_dim: _Optional[int] = ..., horizon: _Optional[int] = ..., n_action_steps: _Optional[int] = ..., fps: _Optional[float] = ..., input_features: _Optional[_Mapping[str, FeatureSpec]] = ..., camera_names: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., action_space: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ..., rtc: _Optional[_Union[RealTimeChunkingSupport, _Mapping]] = ...) -> None: ...
+
+class RealTimeChunkingSupport(_message.Message):
+    __slots__ = ("guidance", "max_guidance", "schedule", "execution_horizon")
+    GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_HORIZON_FIELD_NUMBER: _ClassVar[int]
+    guidance: float
+    max_guidance: float
+    schedule: str
+    execution_horizon: int
+    def __init__(self, guidance: _Optional[float] = ..., max_guidance: _Optional[float] = ..., schedule: _Optional[str] = ..., execution_horizon: _Optional[int] = ...) -> None: ...
 
 class MetadataRequest(_message.Message):
     __slots__ = ()
