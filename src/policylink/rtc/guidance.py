@@ -30,7 +30,7 @@ from lerobot.policies.rtc.modeling_rtc import RTCProcessor
 
 from .request import RTCRequest, RTCSupport
 
-__all__ = ["BatchRTCProcessor", "BatchGuidance", "rtc_config", "build_guidance"]
+__all__ = ["BatchRTCProcessor", "BatchGuidance", "rtc_config", "build_guidance", "install"]
 
 
 def rtc_config(support: RTCSupport) -> RTCConfig:
@@ -131,7 +131,8 @@ class BatchRTCProcessor(RTCProcessor):
         caps = guidance.max_guidance.to(x_t.dtype)
         squared_one_minus_tau = (1 - tau) ** 2
         inv_r2 = (squared_one_minus_tau + tau**2) / squared_one_minus_tau
-        weight = torch.nan_to_num((1 - tau) / tau * inv_r2, posinf=float("inf"))
+        # As LeRobot: infinite at the first step (capped), 0 where 0 * inf gives NaN at the last.
+        weight = torch.nan_to_num((1 - tau) / tau * inv_r2, nan=0.0)
         weight = torch.minimum(weight.to(x_t.device), caps)
         return v_t - weight * correction
 

@@ -578,7 +578,8 @@ def _sampling_fields(obs: Observation, metadata: PolicyMetadata) -> Observation:
     if RTC_KEY not in obs and SEED_KEY not in obs:
         return obs
     obs = dict(obs)
-    rtc = RTCRequest.from_wire(obs.pop(RTC_KEY)) if obs.get(RTC_KEY) is not None else obs.pop(RTC_KEY, None)
+    fields = obs.pop(RTC_KEY, None)
+    rtc = None if fields is None else RTCRequest.from_wire(fields)
     seed = parse_seed(obs.pop(SEED_KEY, None))
     if rtc is not None and metadata.rtc is not None:
         rtc.check(metadata.rtc, metadata.action_dim, metadata.horizon)
