@@ -278,11 +278,6 @@ def test_batched_forward_pass_equals_one_by_one(act_dir):
         np.testing.assert_allclose(reply["actions"], session.infer(obs)["actions"], atol=1e-4)
 
 
-def test_policies_with_history_are_not_batched(diffusion_dir):
-    policy = load_policy(diffusion_dir, device="cpu")
-    assert policy.batch_key(act_obs()) is None
-
-
 def test_concurrent_clients_each_get_their_own_chunk(act_server):
     import threading
 
@@ -304,3 +299,18 @@ def test_concurrent_clients_each_get_their_own_chunk(act_server):
     assert sorted(results) == [0, 1, 2, 3]
     for index, chunk in results.items():
         np.testing.assert_allclose(chunk, expected[index], atol=1e-4)
+
+
+def test_gpu_ms_only_where_the_device_is_timed(act_server, act_dir):
+    """``gpu_ms`` comes from CUDA events: absent on a CPU server; on CUDA within the request's ``infer_ms``."""
+    with PolicyClient(act_server.url) as client:
+        assert "gpu_ms" not in client.infer(act_obs()).server_timing
+    if not torch.cuda.is_available():
+        return  # no accelerator on this machine: the CUDA half runs where there is one
+    server = BackgroundServer(load_policy(act_dir, device="cuda"), host="127.0.0.1").start()
+    try:
+        with PolicyClient(server.url) as client:
+            timing = client.infer(act_obs()).server_timing
+    finally:
+        server.stop()
+    assert 0 < timing["gpu_ms"] <= timing["infer_ms"]

@@ -20,6 +20,7 @@ them, and fails with a clear message only when a checkpoint is loaded.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -48,6 +49,8 @@ logger = logging.getLogger("policylink.server")
 DTYPES = ("float32", "bfloat16", "float16")
 #: Policies whose ``predict_action_chunk`` reads an observation history the caller must fill.
 _QUEUE_FED_TYPES = ("diffusion", "vqbet")
+#: Of those, the policies whose clients' histories are stacked into one batch (VQ-BeT still runs one by one).
+_HISTORY_BATCHED_TYPES = ("diffusion",)
 #: Flow-matching policies whose sampling LeRobot's real-time-chunking guidance can steer.
 RTC_TYPES = ("smolvla", "pi0", "pi05")
 #: Control rate announced when the checkpoint does not record one.
@@ -134,6 +137,7 @@ def load_policy(
         raise RequestError(f"this server cannot load LeRobot checkpoints: {exc} (install policylink[server])") from None
     chosen = resolve_device(device)
     started = time.perf_counter()
+    allocated_before = _device_allocated(chosen)
     try:
         parts = _load_parts(directory, chosen)
     except RequestError:
@@ -146,6 +150,9 @@ def load_policy(
     )
     load_s = time.perf_counter() - started
     warmup_ms = policy.warm_up()
+    if allocated_before is not None:
+        # What the cache's budget counts: the accelerator memory this model really holds after its warm-up.
+        policy.memory_bytes = max(policy.memory_bytes, _device_allocated(chosen) - allocated_before)
     logger.info(
         "loaded %s checkpoint %s on %s (%s) in %.1f s; warm-up %.0f ms; chunk %s",
         policy.metadata.policy_type, directory, chosen, dtype, load_s, warmup_ms,
@@ -186,6 +193,16 @@ def estimate_checkpoint_bytes(request: Mapping[str, Any]) -> int:
     except RequestError:
         return 0  # the load itself will say what is wrong
     return sum(path.stat().st_size for path in directory.glob("*.safetensors"))
+
+
+def _device_allocated(device: str) -> int | None:
+    """Bytes allocated on a CUDA device now (``None`` elsewhere: there a model holds its weights' size)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.memory_allocated(device))
 
 
 def _load_parts(directory: Path, device: str) -> tuple[Any, Any, Any, Any]:
@@ -254,6 +271,7 @@ class LeRobotPolicy(Policy):
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {}
         self._metadata: PolicyMetadata | None = None
+        #: Memory the model holds: its weights and buffers (on CUDA, :func:`load_policy` raises it to what it allocated).
         self.memory_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         #: Real-time-chunking defaults, when this policy can be steered (flow matching) and the server allows it.
         self.rtc = rtc if rtc is not None and config.type in RTC_TYPES and hasattr(config, "rtc_config") else None
@@ -305,39 +323,131 @@ class LeRobotPolicy(Policy):
         """Infer with per-client ``state``; returns ``{"actions": (horizon, action_dim) float32}``."""
         obs, rtc, seed = _sampling_fields(obs)
         mapped = map_observation(obs, self.spec, default_task=self.default_task)
-        with self._lock, self._grad_mode():
+        with self._lock, self._grad_mode(), _DeviceTimer(self.device) as timer:
             batch = self._preprocess(mapped)
             with self._autocast():
-                actions = self._predict_chunk(batch, state, self._sampling_kwargs([rtc], [seed]))
+                if self.config.type in _QUEUE_FED_TYPES:
+                    actions = self._predict_from_histories([batch], [state], [seed])
+                else:
+                    actions = self._predict_chunk(batch, state, self._sampling_kwargs([rtc], [seed]))
             chunks = self._postprocess(actions)
-        return {"actions": chunks[0]}
+        return timer.stamp({"actions": chunks[0]})
 
     # -- batching across clients ------------------------------------------
 
     def batch_key(self, obs: Observation) -> Any:
-        """Policies without per-client history batch any requests (inputs are resized to one size)."""
+        """Batchable policies batch any requests (inputs are resized to one size); the others never batch."""
         return None if not self._batchable() else ("lerobot", self.model_id)
 
     def _batchable(self) -> bool:
-        # ACT and the flow-matching VLAs predict from the current observation alone; Diffusion and VQ-BeT read a history.
-        return self.config.type not in _QUEUE_FED_TYPES and (not hasattr(self.model, "_queues") or self.config.type in RTC_TYPES)
+        # ACT and the flow-matching VLAs predict from the current observation alone; Diffusion reads a per-client
+        # history, which is stacked across the batch; VQ-BeT (a history too, and categorical sampling) runs one by one.
+        if self.config.type in _QUEUE_FED_TYPES:
+            return self.config.type in _HISTORY_BATCHED_TYPES
+        return not hasattr(self.model, "_queues") or self.config.type in RTC_TYPES
 
     def infer_batch(self, sessions: Any, observations: Any) -> list[Reply]:
-        """One forward pass for several clients' observations (history-free policies only).
+        """One forward pass for several clients' observations.
 
-        Each client's real-time-chunking fields and noise seed apply to its own row.
+        Each client's real-time-chunking fields and noise seed apply to its own row; for Diffusion each
+        client's own observation history (held by its session) is updated and stacked into the batch.
         """
-        if len(observations) == 1 or not self._batchable():
+        states = [self._session_state(session) for session in sessions]
+        if len(observations) == 1 or not self._batchable() or any(state is None for state in states):
             return [session.infer(obs) for session, obs in zip(sessions, observations)]
         fields = [_sampling_fields(obs) for obs in observations]
         mapped = [map_observation(obs, self.spec, default_task=self.default_task) for obs, _, _ in fields]
-        with self._lock, self._grad_mode():
-            batch = _concat([self._preprocess(item) for item in mapped])
+        seeds = [seed for _, _, seed in fields]
+        with self._lock, self._grad_mode(), _DeviceTimer(self.device) as timer:
+            batches = [self._preprocess(item) for item in mapped]
             with self._autocast():
-                kwargs = self._sampling_kwargs([rtc for _, rtc, _ in fields], [seed for _, _, seed in fields])
-                actions = self.model.predict_action_chunk(batch, **kwargs)
+                if self.config.type in _QUEUE_FED_TYPES:
+                    actions = self._predict_from_histories(batches, states, seeds)
+                else:
+                    kwargs = self._sampling_kwargs([rtc for _, rtc, _ in fields], seeds)
+                    actions = self.model.predict_action_chunk(_concat(batches), **kwargs)
             chunks = self._postprocess(actions)
-        return [{"actions": chunk} for chunk in chunks]
+        return [timer.stamp({"actions": chunk}) for chunk in chunks]
+
+    def _session_state(self, session: Any) -> dict[str, Any] | None:
+        """The per-client state a batch entry's session owns (``None`` for a session of another policy)."""
+        if session is self:
+            return self._state
+        if isinstance(session, LeRobotSession) and session.policy is self:
+            return session._state
+        return None
+
+    def _predict_from_histories(self, batches: list[dict[str, Any]], states: list[dict[str, Any]], seeds: list[int | None]) -> Any:
+        """One chunk per client from its observation history (Diffusion, VQ-BeT), all clients in one model call.
+
+        Each client's history gets its new observation the way ``select_action`` adds it (cameras stacked,
+        ``populate_queues``); the histories are then joined step by step along the batch dimension (request
+        order) and swapped into the model for one ``predict_action_chunk``. A client's history is committed to
+        its state only once the call succeeded, so a failed batch retried one by one appends nothing twice.
+        """
+        import torch
+        from lerobot.policies.utils import populate_queues
+        from lerobot.utils.constants import OBS_IMAGES
+
+        model = self.model
+        histories: list[dict[str, Any]] = []
+        saved = model._queues
+        try:
+            for index, (batch, state) in enumerate(zip(batches, states)):
+                batch = dict(batch)
+                if self.config.image_features:
+                    batch[OBS_IMAGES] = torch.stack([batch[key] for key in self.config.image_features], dim=-4)
+                batches[index] = batch
+                if "queues" in state:
+                    queues = {key: collections.deque(queue, maxlen=queue.maxlen) for key, queue in state["queues"].items()}
+                else:
+                    model.reset()  # fresh, empty history for this client
+                    queues = model._queues
+                histories.append(populate_queues(queues, batch))
+            if len(histories) == 1:
+                model._queues = histories[0]
+            else:
+                # Step i of the joined history: step i of every client's history, concatenated in request order.
+                model._queues = {
+                    key: collections.deque((torch.cat(steps, dim=0) for steps in zip(*(h[key] for h in histories))), maxlen=queue.maxlen)
+                    for key, queue in histories[0].items() if key in batches[0]
+                }
+            if self.config.type == "diffusion" and any(seed is not None for seed in seeds):
+                actions = self._sample_diffusion(batches[0], seeds)
+            else:
+                actions = model.predict_action_chunk(batches[0])
+        finally:
+            model._queues = saved
+        for state, queues in zip(states, histories):
+            state["queues"] = queues
+        return actions
+
+    def _sample_diffusion(self, batch: dict[str, Any], seeds: list[int | None]) -> Any:
+        """Diffusion's ``predict_action_chunk`` with per-row randomness: one CPU generator per row.
+
+        A seeded row's generator is seeded with its seed, an unseeded row's from torch's global generator.
+        Each row's initial noise comes from its generator, and LeRobot's ``conditional_sample`` passes the
+        list of generators on to the noise scheduler, which draws each row's per-step noise (DDPM; DDIM with
+        eta > 0) from that row's generator. So a row gets the same chunk in a batch as alone.
+        """
+        import torch
+
+        model = self.model
+        diffusion = model.diffusion
+        config = diffusion.config
+        # What predict_action_chunk and generate_actions do, with the generators passed on to the sampler.
+        history = {key: torch.stack(list(model._queues[key]), dim=1) for key in batch if key in model._queues}
+        generators = [
+            torch.Generator().manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            for seed in seeds
+        ]
+        dtype = next(diffusion.parameters()).dtype
+        shape = (1, int(config.horizon), int(config.action_feature.shape[0]))
+        noise = torch.cat([torch.randn(shape, generator=generator, dtype=dtype) for generator in generators]).to(self.device)
+        global_cond = diffusion._prepare_global_conditioning(history)
+        sample = diffusion.conditional_sample(len(seeds), global_cond=global_cond, generator=generators, noise=noise)
+        start = int(config.n_obs_steps) - 1
+        return sample[:, start : start + int(config.n_action_steps)]
 
     def _grad_mode(self) -> Any:
         """``inference_mode``, except for policies that may be steered: RTC guidance needs autograd."""
@@ -425,25 +535,14 @@ class LeRobotPolicy(Policy):
         return tensor
 
     def _predict_chunk(self, batch: dict[str, Any], state: dict[str, Any], kwargs: Mapping[str, Any] | None = None) -> Any:
-        """One ``predict_action_chunk`` call with this client's observation history swapped in."""
-        import torch
-
+        """One ``predict_action_chunk`` call with this client's queues swapped in (policies that read no history)."""
         model = self.model
         has_queues = hasattr(model, "_queues")
         if has_queues:
             if "queues" not in state:
-                model.reset()  # fresh, empty history for this client
+                model.reset()  # fresh, empty queues for this client
                 state["queues"] = model._queues
             model._queues = state["queues"]
-        if self.config.type in _QUEUE_FED_TYPES:
-            from lerobot.policies.utils import populate_queues
-            from lerobot.utils.constants import OBS_IMAGES
-
-            # What select_action does before predicting: stack cameras, append to the history.
-            batch = dict(batch)
-            if self.config.image_features:
-                batch[OBS_IMAGES] = torch.stack([batch[key] for key in self.config.image_features], dim=-4)
-            model._queues = populate_queues(model._queues, batch)
         actions = model.predict_action_chunk(batch, **(kwargs or {}))
         if has_queues:
             state["queues"] = model._queues
@@ -532,6 +631,37 @@ class LeRobotSession(Policy):
 
     def session(self) -> LeRobotSession:
         return LeRobotSession(self.policy)
+
+
+class _DeviceTimer:
+    """``gpu_ms``: the device time of one forward pass, from CUDA events (nothing on other devices).
+
+    ``infer_ms`` already covers the device's work (the copy to the host waits
+    for it); ``gpu_ms`` says how much of it the accelerator was busy.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.events: tuple[Any, Any] | None = None
+        if device.startswith("cuda"):
+            import torch
+
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+
+    def __enter__(self) -> _DeviceTimer:
+        if self.events is not None:
+            self.events[0].record()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.events is not None:
+            self.events[1].record()
+
+    def stamp(self, reply: Reply) -> Reply:
+        """``reply`` with ``server_timing.gpu_ms`` when timed on CUDA (the copy to the host has synchronised)."""
+        if self.events is not None:
+            self.events[1].synchronize()
+            reply["server_timing"] = {"gpu_ms": float(self.events[0].elapsed_time(self.events[1]))}
+        return reply
 
 
 def _sampling_fields(obs: Observation) -> tuple[Observation, RTCRequest | None, int | None]:

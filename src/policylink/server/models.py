@@ -7,8 +7,9 @@ a server was started with (``serve --policy.path``) is in the cache too,
 checkpoint.
 
 Bounds: at most ``max_models`` unpinned models and, optionally, at most
-``memory_budget_bytes`` of weights (as reported by a policy's
-``memory_bytes`` attribute). Models are evicted *before* a new one loads, so
+``memory_budget_bytes`` of model memory (a policy's ``memory_bytes``: a
+LeRobot policy's weights and buffers, or on CUDA what loading and warming
+it up allocated on the device, if more). Models are evicted *before* a new one loads, so
 the budget holds at the peak too: a load whose estimated size cannot fit,
 even after evicting every idle model, is refused with :class:`ServerBusy`.
 
