@@ -212,3 +212,19 @@ def test_rtc_fields_over_length_prefixed_tcp():
         with pytest.raises(RequestError, match=r"delay' \(7\) is past the execution horizon \(6\)"):
             client.request({"step": 4, **rtc(previous[4:], 7, 6)})
         assert client.request({"step": 5})["actions"].shape == (HORIZON, 6)
+
+
+def test_serve_flags_set_the_flow_policys_rtc_defaults_or_turn_them_off(serve):
+    from policylink.cli import build_parser
+    from policylink.cli.serve import builtin_from_args
+
+    tuned = builtin_from_args(build_parser().parse_args(
+        ["serve", "--policy.type", "flow", "--policy.horizon", "8", "--policy.rtc_schedule", "exp", "--policy.rtc_guidance", "4"]))
+    assert (tuned.metadata.rtc.schedule, tuned.metadata.rtc.guidance, tuned.metadata.rtc.execution_horizon) == ("exp", 4.0, 8)
+    off = builtin_from_args(build_parser().parse_args(["serve", "--policy.type", "flow", "--policy.horizon", "8", "--policy.no_rtc"]))
+    assert off.metadata.rtc is None
+    server = serve(Engine(off))
+    with PolicyClient(server.url) as client:
+        plain = np.asarray(client.infer({"step": 0, SEED_KEY: 1}))
+        ignored = np.asarray(client.infer({"step": 0, SEED_KEY: 1, **rtc(plain + 0.5, 3, 6)}))
+    np.testing.assert_array_equal(plain, ignored)

@@ -321,7 +321,7 @@ class LeRobotPolicy(Policy):
 
     def run(self, obs: Observation, state: dict[str, Any]) -> Reply:
         """Infer with per-client ``state``; returns ``{"actions": (horizon, action_dim) float32}``."""
-        obs, rtc, seed = _sampling_fields(obs)
+        obs, rtc, seed = _take_sampling_fields(obs)
         mapped = map_observation(obs, self.spec, default_task=self.default_task)
         with self._lock, self._grad_mode(), _DeviceTimer(self.device) as timer:
             batch = self._preprocess(mapped)
@@ -355,7 +355,7 @@ class LeRobotPolicy(Policy):
         states = [self._session_state(session) for session in sessions]
         if len(observations) == 1 or not self._batchable() or any(state is None for state in states):
             return [session.infer(obs) for session, obs in zip(sessions, observations)]
-        fields = [_sampling_fields(obs) for obs in observations]
+        fields = [_take_sampling_fields(obs) for obs in observations]
         mapped = [map_observation(obs, self.spec, default_task=self.default_task) for obs, _, _ in fields]
         seeds = [seed for _, _, seed in fields]
         with self._lock, self._grad_mode(), _DeviceTimer(self.device) as timer:
@@ -583,7 +583,7 @@ class LeRobotPolicy(Policy):
             policy_type=str(self.config.type),
             n_action_steps=min(int(n_action_steps), horizon) if n_action_steps else horizon,
             description="; ".join(notes),
-            rtc=dataclasses.replace(self.rtc, execution_horizon=min(self.rtc.execution_horizon, horizon)) if self.rtc is not None else None,
+            rtc=self.rtc.within(horizon) if self.rtc is not None else None,
         )
 
 
@@ -664,7 +664,7 @@ class _DeviceTimer:
         return reply
 
 
-def _sampling_fields(obs: Observation) -> tuple[Observation, RTCRequest | None, int | None]:
+def _take_sampling_fields(obs: Observation) -> tuple[Observation, RTCRequest | None, int | None]:
     """The observation without the engine's checked RTC fields and noise seed, and those two."""
     if RTC_KEY not in obs and SEED_KEY not in obs:
         return obs, None, None

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import functools
 import logging
 import os
 from typing import Any
 
-from ..policies.builtin import BUILTIN_POLICIES, FLOW_HORIZON, make_builtin_policy
+from ..policies.builtin import BUILTIN_POLICIES, make_builtin_policy
 from ..rtc.request import SCHEDULES, RTCSupport
 from ..server.auth import API_KEY_ENV
 from ..server.connections import DEFAULT_MAX_CONNECTIONS
@@ -210,8 +209,7 @@ def builtin_from_args(args: argparse.Namespace) -> Policy:
         options["actions"] = args.actions
     elif args.policy_type == "flow":
         options["seed"] = args.seed
-        support = rtc_support_from_args(args)
-        options["rtc"] = None if support is None else dataclasses.replace(support, execution_horizon=min(support.execution_horizon, args.horizon or FLOW_HORIZON))
+        options["rtc"] = rtc_support_from_args(args)
     return make_builtin_policy(args.policy_type, **options)
 
 

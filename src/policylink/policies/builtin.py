@@ -161,16 +161,25 @@ class ReplayPolicy(BuiltinPolicy):
 
     def _chunk(self, obs: Observation) -> np.ndarray:
         with self._lock:
-            start = _step_of(obs)
-            if start is None:
-                start = self._next_step
-            self._next_step = start + self.horizon
+            start = chunk_start(self, obs, self.horizon)
         index = np.arange(start, start + self.horizon) % len(self.trajectory)
         return self.trajectory[index].copy()
 
     def reset(self) -> None:
         with self._lock:
             self._next_step = 0
+
+
+def chunk_start(position: Any, obs: Observation, horizon: int) -> int:
+    """Where a chunk starts: the observation's ``step`` if it has one, else where ``position``'s last chunk ended.
+
+    ``position`` (a client's policy object) keeps ``_next_step``, moved to the end of this chunk.
+    """
+    start = _step_of(obs)
+    if start is None:
+        start = position._next_step
+    position._next_step = start + horizon
+    return start
 
 
 def _step_of(obs: Observation) -> int | None:

@@ -30,7 +30,7 @@ import torch
 from ..rtc.guidance import BatchRTCProcessor, build_guidance, rtc_config
 from ..rtc.request import RTC_KEY, SEED_KEY, RTCRequest, RTCSupport
 from ..types import Observation, Policy, PolicyMetadata, Reply
-from .builtin import FLOW_HORIZON, BuiltinPolicy, _step_of, sine_trajectory
+from .builtin import FLOW_HORIZON, BuiltinPolicy, chunk_start, sine_trajectory
 
 __all__ = ["FlowPolicy"]
 
@@ -49,17 +49,17 @@ class FlowPolicy(BuiltinPolicy):
     thread_safe = True
 
     def __init__(self, seed: int = 0, num_steps: int = 10, spread: float = 0.15, smoothness: float = 0.25,
-                 rtc: RTCSupport | None = None, horizon: int = FLOW_HORIZON, **kwargs: Any) -> None:
+                 rtc: RTCSupport | None = RTCSupport(), horizon: int = FLOW_HORIZON, **kwargs: Any) -> None:
         super().__init__(action_range=(-ACTION_LIMIT, ACTION_LIMIT), horizon=horizon, **kwargs)
         if num_steps < 1 or spread <= 0 or smoothness <= 0:
             raise ValueError("num_steps, spread and smoothness must be positive")
-        support = rtc or RTCSupport(execution_horizon=min(10, self.horizon))
-        self._metadata = _with_rtc(self._metadata, support)
-        self.rtc = support
+        #: Real-time-chunking defaults; ``None``: the fields are ignored (the metadata says so).
+        self.rtc = rtc.within(self.horizon) if rtc is not None else None
+        self._metadata = dataclasses.replace(self._metadata, rtc=self.rtc)
         self.num_steps = num_steps
         self.trajectory = torch.from_numpy(sine_trajectory(600, self.action_dim, self._metadata.fps))
         self._posterior = _posterior_maps(self.horizon, spread, smoothness * self.horizon, num_steps)
-        self._processor = BatchRTCProcessor(rtc_config(support))
+        self._processor = BatchRTCProcessor(rtc_config(self.rtc or RTCSupport()))
         self._generator = torch.Generator().manual_seed(seed)
         self._seed = seed
         self._lock = threading.Lock()
@@ -80,7 +80,7 @@ class FlowPolicy(BuiltinPolicy):
     def infer_batch(self, sessions: Sequence[Policy], observations: Sequence[Observation]) -> list[Reply]:
         if self.latency_s:
             time.sleep(self.latency_s)  # one simulated forward pass for the whole batch
-        starts = [_start_step(session, obs) for session, obs in zip(sessions, observations)]
+        starts = [chunk_start(session, obs, self.horizon) for session, obs in zip(sessions, observations)]
         chunks = self.sample(starts, [obs.get(RTC_KEY) for obs in observations], [obs.get(SEED_KEY) for obs in observations])
         return [{"actions": chunk} for chunk in chunks]
 
@@ -90,7 +90,7 @@ class FlowPolicy(BuiltinPolicy):
         mean = self.trajectory[index]  # (B, H, A)
         noise = torch.stack([self._noise(seed) for seed in seeds])
         targets = [None if request is None else torch.tensor(request.prefix) for request in requests]
-        guidance = build_guidance(requests, targets, self.rtc, self.horizon, self.action_dim, "cpu")
+        guidance = None if self.rtc is None else build_guidance(requests, targets, self.rtc, self.horizon, self.action_dim, "cpu")
         x_t, dt = noise, -1.0 / self.num_steps
         for step in range(self.num_steps):
             tau = 1.0 + step * dt
@@ -143,15 +143,6 @@ class FlowSession(Policy):
         return FlowSession(self.policy)
 
 
-def _start_step(session: Any, obs: Observation) -> int:
-    """The observation's ``step`` if it has one, else where this client's last chunk ended."""
-    start = _step_of(obs)
-    if start is None:
-        start = session._next_step
-    session._next_step = start + session.metadata.horizon
-    return start
-
-
 def _posterior_maps(horizon: int, spread: float, length: float, num_steps: int) -> list[torch.Tensor]:
     """For each Euler step's time ``tau``: ``(1 - tau) S ((1 - tau)^2 S + tau^2 I)^-1`` with S the chunk covariance over steps.
 
@@ -167,6 +158,3 @@ def _posterior_maps(horizon: int, spread: float, length: float, num_steps: int) 
         maps.append((vectors * gain) @ vectors.T)
     return [m.float() for m in maps]
 
-
-def _with_rtc(metadata: PolicyMetadata, support: RTCSupport) -> PolicyMetadata:
-    return dataclasses.replace(metadata, rtc=support)

@@ -70,6 +70,10 @@ class RTCSupport:
         if self.execution_horizon < 1:
             raise ValueError(f"RTC execution_horizon must be at least 1, got {self.execution_horizon}")
 
+    def within(self, horizon: int) -> RTCSupport:
+        """These defaults for a policy whose chunks have ``horizon`` steps (the default horizon clamped to it)."""
+        return dataclasses.replace(self, execution_horizon=min(self.execution_horizon, horizon))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

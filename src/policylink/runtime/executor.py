@@ -585,7 +585,7 @@ class Executor:
             self._resolve_rtc()
         support = self._rtc_support
         if request is not None and support is not None and support is not _UNKNOWN:
-            obs[RTC_KEY] = RTCRequest(request.prefix, request.delay, request.execution_horizon, self._rtc_guidance).to_wire()
+            obs[RTC_KEY] = dataclasses.replace(request, guidance=self._rtc_guidance).to_wire()
         return self._infer(obs)
 
     def _resolve_rtc(self) -> None:
