@@ -18,7 +18,8 @@ request budget is spent, and the row ends when the requests already sent have
 been answered (that drain counts in requests/s). Rows: batching on
 (``--max-batch 16``), batching off (``--max-batch 1``), and openpi's reference
 server design (inference inside the event loop, one request at a time) as a
-baseline. A SmolVLA inference takes seconds on a CPU, so SmolVLA rows have
+baseline. Batching on is measured twice: with requests prepared on their own
+thread while the batch before runs (the default) and with ``--no-overlap``. A SmolVLA inference takes seconds on a CPU, so SmolVLA rows have
 their own, smaller budget (``--smolvla-seconds``, ``--smolvla-max-requests``).
 
     .venv/bin/python benchmarks/throughput.py [--device cpu|cuda] [--policies act smolvla]
@@ -155,6 +156,9 @@ def setups(checkpoint: str, device: str) -> list[tuple[str, Any]]:
     return [
         (f"policylink, batching on (max {MAX_BATCH})",
          lambda: policylink_server("--policy.path", checkpoint, "--device", device, "--max-batch", str(MAX_BATCH), "--batch-timeout-ms", "2")),
+        (f"policylink, batching on (max {MAX_BATCH}), --no-overlap",
+         lambda: policylink_server("--policy.path", checkpoint, "--device", device, "--max-batch", str(MAX_BATCH), "--batch-timeout-ms", "2",
+                                   "--no-overlap")),
         ("policylink, batching off", lambda: policylink_server("--policy.path", checkpoint, "--device", device, "--max-batch", "1")),
         ("openpi reference design (baseline)", lambda: baseline_server("openpi-style", 0, checkpoint, device)),
     ]
@@ -166,7 +170,7 @@ def target_line(policy: str, rows: list[tuple], device: str) -> str:
               f"p99 under {TARGET_P99:g}x the single-client latency (read strictly: its p50)")
     if not device.startswith("cuda"):
         return f"{policy}: {target}. Not measured: this run is on `{device}` (no GPU was lent to this task), so the target is still open."
-    on = {clients: (rate, p50, p99) for server, clients, _, rate, p50, p99, _ in rows if server.startswith("policylink, batching on")}
+    on = {clients: (rate, p50, p99) for server, clients, _, rate, p50, p99, _ in rows if server == f"policylink, batching on (max {MAX_BATCH})"}
     if 1 not in on or TARGET_CLIENTS not in on:
         return f"{policy}: {target}. Not checked: this run lacks the 1- or {TARGET_CLIENTS}-client row."
     (rate1, p50_1, _), (rate16, _, p99_16) = on[1], on[TARGET_CLIENTS]
@@ -239,7 +243,8 @@ def main() -> None:
     parts = [
         f"Device `{args.device}`, float32; each server in its own process on 127.0.0.1 with torch's default {server_threads} CPU threads "
         f"({os.cpu_count()} CPUs); openpi-client `WebsocketClientPolicy` clients, one thread each, all in the benchmark's process. "
-        f"Servers: policylink with batching across clients on (`--max-batch {MAX_BATCH} --batch-timeout-ms 2`), policylink with "
+        f"Servers: policylink with batching across clients on (`--max-batch {MAX_BATCH} --batch-timeout-ms 2`), with requests prepared "
+        "while the batch before runs (the default) and with `--no-overlap` (prepared inside their batch), policylink with "
         "batching off (`--max-batch 1`), and openpi's reference design (inference called inside the WebSocket handler, on the "
         "event loop: one request at a time) as the baseline. A row ends when every request sent has been answered; `requests` "
         "is how many completed, `failed clients` how many clients lost their connection or got an error (listed below), `seconds` the row's wall-clock time including that drain; requests/s = requests / seconds. "
@@ -255,11 +260,18 @@ def main() -> None:
 
     notes = []
     for policy, rows in results.items():
-        best = max((r for r in rows if r[0].startswith("policylink, batching on")), key=lambda r: r[3], default=None)
+        best = max((r for r in rows if r[0] == f"policylink, batching on (max {MAX_BATCH})"), key=lambda r: r[3], default=None)
         single = next((r for r in rows if r[0] == best[0] and r[1] == min(specs[policy]["clients"])), None) if best else None
         if best and single:
             notes.append(f"{policy}: batching on peaks at {best[3]:.2f} req/s with {best[1]} clients, {best[3] / single[3]:.1f}x its "
                          f"single-client rate; batching off and the baseline run one forward pass at a time.")
+    for policy, rows in results.items():
+        on = {r[1]: r for r in rows if r[0] == f"policylink, batching on (max {MAX_BATCH})"}
+        flat = {r[1]: r for r in rows if r[0].endswith("--no-overlap")}
+        pairs = [f"{n} clients {on[n][3]:.2f} vs {flat[n][3]:.2f} req/s ({on[n][3] / flat[n][3]:.2f}x, p50 {on[n][4]:.0f} vs {flat[n][4]:.0f} ms)"
+                 for n in sorted(on) if n in flat and flat[n][3] > 0 and n > 1]
+        if pairs:
+            notes.append(f"{policy}, requests prepared while the batch before runs vs `--no-overlap`: " + "; ".join(pairs) + ".")
     if "smolvla" in results:
         fewest = min(r[2] for r in results["smolvla"])
         notes.append(f"SmolVLA rows are thin on a CPU (one inference takes seconds): a row completes between {fewest} and "

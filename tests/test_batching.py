@@ -199,6 +199,92 @@ def test_batching_off_runs_one_at_a_time(serve):
     assert policy.batches == [1, 1, 1, 1]
 
 
+class PreparingPolicy(LinearPolicy):
+    """A :class:`LinearPolicy` with a preparation step: it records the thread it ran on and when.
+
+    ``prepared`` is set whenever a request with ``obs["tag"] == 2`` has been prepared; an
+    ``obs["bad"]`` fails in preparation (as a bad prompt or image would).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepare_threads: list[str] = []
+        self.prepared = threading.Event()
+
+    def prepare(self, session: Policy, obs: Observation) -> Observation:
+        self.prepare_threads.append(threading.current_thread().name)
+        if "bad" in obs:
+            raise ValueError("this observation cannot be prepared")
+        prepared = dict(obs)
+        prepared["observation.state"] = np.asarray(obs["observation.state"], np.float32) * 1.0
+        if obs.get("tag") == 2.0:
+            self.prepared.set()
+        return prepared
+
+
+def test_requests_are_prepared_while_the_batch_before_runs(serve):
+    policy = PreparingPolicy()
+    server = serve(Engine(policy, batching=BatchOptions(max_batch=4, batch_timeout_ms=0)))
+    state = np.arange(STATE_DIM, dtype=np.float32)
+    with PolicyClient(server.url, timeout=30) as first, PolicyClient(server.url, timeout=30) as second:
+        held = threading.Thread(target=lambda: first.infer({"observation.state": state, "hold": True, "tag": 1.0}))
+        held.start()
+        try:
+            assert policy.holding.wait(10), "the first batch never started"
+            results: list = []
+            later = threading.Thread(target=lambda: results.append(second.infer({"observation.state": state, "tag": 2.0})))
+            later.start()
+            # The model is still busy with the held batch, yet the next request gets prepared.
+            assert policy.prepared.wait(10), "the second request was not prepared while the first batch ran"
+            assert policy.seen_tags == [1.0]
+        finally:
+            policy.release.set()
+        held.join(30)
+        later.join(30)
+    assert all(name.startswith("prepare-") for name in policy.prepare_threads), policy.prepare_threads
+    np.testing.assert_allclose(results[0], alone(policy, state), rtol=1e-6)
+    assert results[0].server_timing["prepare_ms"] >= 0
+    assert policy.seen_tags == [1.0, 2.0]
+
+
+def test_without_overlap_preparation_runs_in_the_batch_on_the_model_thread(serve):
+    policy = PreparingPolicy()
+    server = serve(Engine(policy, batching=BatchOptions(max_batch=4, batch_timeout_ms=0, overlap=False)))
+    with PolicyClient(server.url) as client:
+        reply = client.infer({"observation.state": np.ones(STATE_DIM, np.float32)})
+    assert [name.split("-")[0] for name in policy.prepare_threads] == ["infer"]
+    assert "prepare_ms" not in reply.server_timing
+    assert engine_overlaps(server) is False
+
+
+def engine_overlaps(server) -> bool:
+    return server.engine.default_model.scheduler.overlaps
+
+
+def test_a_request_that_fails_preparation_fails_alone(serve):
+    policy = PreparingPolicy()
+    server = serve(Engine(policy, batching=BatchOptions(max_batch=4, batch_timeout_ms=300)))
+    states = np.random.default_rng(2).standard_normal((4, STATE_DIM)).astype(np.float32)
+    clients = [PolicyClient(server.url) for _ in range(4)]
+
+    def work(i: int):
+        obs = {"observation.state": states[i], "tag": float(i)}
+        if i == 1:
+            obs["bad"] = True
+        return clients[i].infer(obs)
+
+    try:
+        results = run_concurrently(4, work)
+    finally:
+        for client in clients:
+            client.close()
+    assert isinstance(results[1], ServerError) and "cannot be prepared" in str(results[1]), results[1]
+    for i in (0, 2, 3):
+        np.testing.assert_allclose(results[i], alone(policy, states[i]), rtol=1e-6)
+    assert 1.0 not in policy.seen_tags
+    assert engine_overlaps(server) is True
+
+
 @pytest.mark.parametrize("bad", [{"max_batch": 0}])
 def test_bad_batch_options_are_refused(bad):
     from policylink.server.batching import BatchScheduler

@@ -64,6 +64,7 @@ def batched_round(clients: list[PolicyClient], requests: list[dict]) -> list[np.
     for reply in replies:
         assert not isinstance(reply, Exception), reply
         assert reply.server_timing["batch_size"] == len(clients)
+        assert reply.server_timing["prepare_ms"] > 0  # prepared on the preparation thread, before the batch ran
     return [np.asarray(reply) for reply in replies]
 
 
@@ -175,3 +176,35 @@ def test_a_failed_diffusion_batch_appends_nothing_to_the_histories(load, diffusi
     expected = policy.infer_batch(reference, second)
     for chunk, want in zip(retried, expected):
         np.testing.assert_allclose(chunk, want["actions"], **TOLERANCE)
+
+
+def test_a_compiled_act_batches_and_answers_as_the_eager_one(serve, load, act_dir):
+    """``--compile``: torch.compile'd network, warmed up for one and for more rows, same actions as eager within tolerance."""
+    import torch
+
+    from policylink.backends.lerobot import load_policy
+
+    compiled = load_policy(act_dir, device="cpu", compile="default")
+    assert compiled.compiled == "default"
+    assert isinstance(compiled.model.model, torch._dynamo.eval_frame.OptimizedModule)
+    batched = serve(Engine(compiled, batching=BatchOptions(max_batch=3, batch_timeout_ms=5000)))
+    eager = serve(Engine(load(act_dir), batching=BatchOptions(max_batch=1)))
+    rounds = [[act_obs(i, step) for i in range(3)] for step in range(2)]
+    together, apart = connect(batched.url, 3), connect(eager.url, 3)
+    try:
+        got = [batched_round(together, requests) for requests in rounds]
+        got.append(lone_round(together[:1], rounds[0][:1]))  # and a batch of one
+        expected = [lone_round(apart, requests) for requests in rounds]
+    finally:
+        close(together, apart)
+    for step in range(2):
+        assert_same(got[step], expected[step])
+    assert_same(got[2], expected[0][:1])
+
+
+def test_compile_modes_and_policies_are_checked(act_dir):
+    from policylink.backends.lerobot import load_policy
+    from policylink.errors import RequestError
+
+    with pytest.raises(RequestError, match="unknown compile mode 'fast'"):
+        load_policy(act_dir, device="cpu", compile="fast")

@@ -91,3 +91,22 @@ def test_bad_camera_spec_is_a_clear_error():
     out = subprocess.run([*POLICYLINK, "serve", "--policy.type", "zeros", "--policy.cameras", "front=big"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "bad camera spec 'front=big'" in out.stderr
+
+
+def test_compile_with_a_builtin_policy_is_a_clear_error():
+    out = subprocess.run([*POLICYLINK, "serve", "--policy.type", "zeros", "--compile"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "--compile applies to LeRobot checkpoints" in out.stderr
+
+
+def test_serve_batching_flags_reach_the_engine():
+    import argparse
+
+    from policylink.cli import serve as serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_parser(parser.add_subparsers())
+    default = serve_cli.batch_options_from_args(parser.parse_args(["serve"]))
+    chosen = serve_cli.batch_options_from_args(parser.parse_args(["serve", "--max-batch", "4", "--no-overlap"]))
+    assert (default.max_batch, default.overlap) == (8, True)
+    assert (chosen.max_batch, chosen.overlap) == (4, False)

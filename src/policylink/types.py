@@ -209,6 +209,22 @@ class Policy(abc.ABC):
         """
         return [session.infer(obs) for session, obs in zip(sessions, observations)]
 
+    def prepare(self, session: Policy, obs: Observation) -> Any:
+        """The host-side work for one request of a batch, done before the batch runs (optional).
+
+        The batch scheduler calls it on a preparation thread as soon as a
+        request arrives, so this work (mapping, resizing, normalising,
+        tokenising, copies to the device) overlaps the forward pass of the
+        batch before. It must not touch per-client state: that belongs to
+        :meth:`infer_prepared`, which runs batches one at a time. The default
+        hands the observation on unchanged.
+        """
+        return obs
+
+    def infer_prepared(self, sessions: Sequence[Policy], prepared: Sequence[Any]) -> list[Reply]:
+        """:meth:`infer_batch` on what :meth:`prepare` returned for each request (default: ``infer_batch``)."""
+        return self.infer_batch(sessions, prepared)
+
 
 def as_action_chunk(actions: Any, action_dim: int | None = None) -> np.ndarray:
     """Check and convert ``actions`` to a C-contiguous ``(horizon, action_dim)`` float32 array.

@@ -40,7 +40,7 @@ from .obsmap import ENV_STATE, STATE, ObservationSpec, map_observation, parse_re
 
 __all__ = [
     "LeRobotPolicy", "load_policy", "load_from_request", "resolve_checkpoint", "resolve_device",
-    "estimate_checkpoint_bytes", "import_runtime", "DTYPES",
+    "estimate_checkpoint_bytes", "import_runtime", "DTYPES", "COMPILE_MODES",
 ]
 
 logger = logging.getLogger("policylink.server")
@@ -53,6 +53,16 @@ _QUEUE_FED_TYPES = ("diffusion", "vqbet")
 _HISTORY_BATCHED_TYPES = ("diffusion",)
 #: Flow-matching policies whose sampling LeRobot's real-time-chunking guidance can steer.
 RTC_TYPES = ("smolvla", "pi0", "pi05")
+#: ``torch.compile`` modes accepted by ``--compile`` (``reduce-overhead`` adds CUDA graphs on a GPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+#: Per policy type, the network ``--compile`` compiles: the module every forward pass (or denoising step) runs.
+_COMPILE_TARGETS = {
+    "act": "model",
+    "diffusion": "diffusion.unet",
+    "smolvla": "model.vlm_with_expert",
+    "pi0": "model.paligemma_with_expert",
+    "pi05": "model.paligemma_with_expert",
+}
 #: Control rate announced when the checkpoint does not record one.
 DEFAULT_FPS = 30.0
 #: Action bounds from mean/std statistics (when a checkpoint has no min/max): mean ± this many std.
@@ -111,6 +121,7 @@ def load_policy(
     rename_map: str | Mapping[str, str] | None = None,
     fps: float | None = None,
     rtc: RTCSupport | None = RTCSupport(),
+    compile: str | None = None,
 ) -> LeRobotPolicy:
     """Load a LeRobot checkpoint directory, warm it up, and return it ready to serve.
 
@@ -119,13 +130,18 @@ def load_policy(
     when an observation carries none. ``rename_map`` maps client camera names
     to the policy's. ``rtc`` sets the real-time-chunking defaults of
     flow-matching policies (:data:`RTC_TYPES`; ``None`` turns it off).
+    ``compile`` (one of :data:`COMPILE_MODES`) compiles the policy's network
+    with ``torch.compile`` and warms it up for a batch of one and for larger
+    batches (one graph with a dynamic batch size), which takes minutes.
     Raises :class:`RequestError` for a missing or broken checkpoint, an
-    unknown device or dtype.
+    unknown device, dtype or compile mode.
     """
     directory = resolve_checkpoint(path)
     dtype = (dtype or "float32").lower()
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
+    if compile is not None and compile not in COMPILE_MODES:
+        raise RequestError(f"unknown compile mode {compile!r}; use one of {list(COMPILE_MODES)}")
     try:
         rename = parse_rename_map(rename_map)
     except ValueError as exc:
@@ -149,22 +165,24 @@ def load_policy(
         fps=fps if fps is not None else _recorded_fps(directory), rtc=rtc,
     )
     load_s = time.perf_counter() - started
+    if compile is not None:
+        _compile(policy, compile)
     warmup_ms = policy.warm_up()
     if allocated_before is not None:
         # What the cache's budget counts: the accelerator memory this model really holds after its warm-up.
         policy.memory_bytes = max(policy.memory_bytes, _device_allocated(chosen) - allocated_before)
     logger.info(
-        "loaded %s checkpoint %s on %s (%s) in %.1f s; warm-up %.0f ms; chunk %s",
-        policy.metadata.policy_type, directory, chosen, dtype, load_s, warmup_ms,
+        "loaded %s checkpoint %s on %s (%s%s) in %.1f s; warm-up %.0f ms; chunk %s",
+        policy.metadata.policy_type, directory, chosen, dtype, f", compiled: {compile}" if compile else "", load_s, warmup_ms,
         (policy.metadata.horizon, policy.metadata.action_dim),
     )
     return policy
 
 
-def load_from_request(request: Mapping[str, Any], rtc: RTCSupport | None = RTCSupport()) -> LeRobotPolicy:
+def load_from_request(request: Mapping[str, Any], rtc: RTCSupport | None = RTCSupport(), compile: str | None = None) -> LeRobotPolicy:
     """The engine's loader for configure requests: ``policy_path``, ``device``, ``dtype``, ``rename_map``, ``fps``.
 
-    ``rtc`` is the server's real-time-chunking setting (bind it with ``functools.partial``).
+    ``rtc`` and ``compile`` are the server's settings (bind them with ``functools.partial``).
     """
     path = request.get("policy_path")
     if not path or not isinstance(path, str):
@@ -172,7 +190,7 @@ def load_from_request(request: Mapping[str, Any], rtc: RTCSupport | None = RTCSu
     fps = request.get("fps")
     return load_policy(
         path, device=request.get("device") or "auto", dtype=request.get("dtype"),
-        rename_map=request.get("rename_map"), fps=float(fps) if fps is not None else None, rtc=rtc,
+        rename_map=request.get("rename_map"), fps=float(fps) if fps is not None else None, rtc=rtc, compile=compile,
     )
 
 
@@ -228,6 +246,23 @@ def _load_parts(directory: Path, device: str) -> tuple[Any, Any, Any, Any]:
     return config, model, pre, post
 
 
+def _compile(policy: LeRobotPolicy, mode: str) -> None:
+    """Swap the policy's network (:data:`_COMPILE_TARGETS`) for its ``torch.compile`` form; the warm-up compiles it."""
+    import torch
+
+    path = _COMPILE_TARGETS.get(str(policy.config.type))
+    if path is None:
+        raise RequestError(f"--compile supports {sorted(_COMPILE_TARGETS)} policies, not {policy.config.type!r}")
+    *parents, name = path.split(".")
+    owner = policy.model
+    for part in parents:
+        owner = getattr(owner, part)
+    # Automatic dynamic shapes: the warm-up's batch of two recompiles with the batch size (the only dimension that
+    # changed) symbolic, so one graph serves every larger batch; image sizes and chunk lengths stay static.
+    setattr(owner, name, torch.compile(getattr(owner, name), mode=mode))
+    policy.compiled = mode
+
+
 def _recorded_fps(directory: Path) -> float | None:
     """The control rate of the training environment, when the training run recorded it."""
     for candidate in (directory / "train_config.json", directory.parent / "train_config.json"):
@@ -268,9 +303,16 @@ class LeRobotPolicy(Policy):
         shapes = {key: tuple(feature.shape) for key, feature in config.input_features.items()}
         self.spec = ObservationSpec.from_feature_keys(shapes, rename_map)
         self.image_sizes = {key: (shape[-2], shape[-1]) for key, shape in shapes.items() if key in self.spec.cameras.values()}
+        #: Guards the model: one forward pass at a time.
         self._lock = threading.Lock()
+        #: Guards the pre-processor (tokenizers are not thread-safe); preparation may overlap a forward pass.
+        self._prepare_lock = threading.Lock()
+        #: The CUDA stream requests are prepared on (copies, resizing, normalisation), beside the model's.
+        self._preparation_stream: Any = None
         self._state: dict[str, Any] = {}
         self._metadata: PolicyMetadata | None = None
+        #: The ``torch.compile`` mode the network runs under (``None``: eager).
+        self.compiled: str | None = None
         #: Memory the model holds: its weights and buffers (on CUDA, :func:`load_policy` raises it to what it allocated).
         self.memory_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         #: Real-time-chunking defaults, when this policy can be steered (flow matching) and the server allows it.
@@ -317,21 +359,14 @@ class LeRobotPolicy(Policy):
             obs[ENV_STATE] = np.zeros(self.spec.env_state_dim, np.float32)
         actions = self.run(obs, {})["actions"]
         self._metadata = self._build_metadata(horizon=actions.shape[0], action_dim=actions.shape[1])
+        if self.compiled and self._batchable():
+            # A batch of two compiles the dynamic-batch graph that every larger batch reuses, before a client waits on it.
+            self.infer_batch([LeRobotSession(self), LeRobotSession(self)], [obs, obs])
         return (time.perf_counter() - started) * 1e3
 
     def run(self, obs: Observation, state: dict[str, Any]) -> Reply:
         """Infer with per-client ``state``; returns ``{"actions": (horizon, action_dim) float32}``."""
-        obs, rtc, seed = _take_sampling_fields(obs)
-        mapped = map_observation(obs, self.spec, default_task=self.default_task)
-        with self._lock, self._grad_mode(), _DeviceTimer(self.device) as timer:
-            batch = self._preprocess(mapped)
-            with self._autocast():
-                if self.config.type in _QUEUE_FED_TYPES:
-                    actions = self._predict_from_histories([batch], [state], [seed])
-                else:
-                    actions = self._predict_chunk(batch, state, self._sampling_kwargs([rtc], [seed]))
-            chunks = self._postprocess(actions)
-        return timer.stamp({"actions": chunks[0]})
+        return self._infer_prepared([self.prepare(self, obs)], [state])[0]
 
     # -- batching across clients ------------------------------------------
 
@@ -347,27 +382,85 @@ class LeRobotPolicy(Policy):
         return not hasattr(self.model, "_queues") or self.config.type in RTC_TYPES
 
     def infer_batch(self, sessions: Any, observations: Any) -> list[Reply]:
-        """One forward pass for several clients' observations.
+        """One forward pass for several clients' observations (:meth:`prepare`, then :meth:`infer_prepared`)."""
+        return self.infer_prepared(sessions, [self.prepare(session, obs) for session, obs in zip(sessions, observations)])
+
+    def prepare(self, session: Any, obs: Observation) -> _Prepared:
+        """The host-side half of a request: mapping, tensors on the device, the checkpoint's pre-processor.
+
+        Runs on the batch scheduler's preparation thread while the model computes the batch before (on
+        CUDA, on a stream of its own, images copied through page-locked memory); touches no client state.
+        """
+        stripped, rtc, seed = _take_sampling_fields(obs)
+        mapped = map_observation(stripped, self.spec, default_task=self.default_task)
+        with self._prepare_lock, self._grad_mode(), self._on_preparation_stream():
+            batch = self._preprocess(mapped)
+            ready = self._record_ready()
+        return _Prepared(obs, batch, rtc, seed, ready)
+
+    def infer_prepared(self, sessions: Any, prepared: Any) -> list[Reply]:
+        """One forward pass for several prepared requests; ``prepared[i]`` came from ``sessions[i]``.
 
         Each client's real-time-chunking fields and noise seed apply to its own row; for Diffusion each
         client's own observation history (held by its session) is updated and stacked into the batch.
         """
         states = [self._session_state(session) for session in sessions]
-        if len(observations) == 1 or not self._batchable() or any(state is None for state in states):
-            return [session.infer(obs) for session, obs in zip(sessions, observations)]
-        fields = [_take_sampling_fields(obs) for obs in observations]
-        mapped = [map_observation(obs, self.spec, default_task=self.default_task) for obs, _, _ in fields]
-        seeds = [seed for _, _, seed in fields]
+        if any(state is None for state in states):
+            return [session.infer(item.obs) for session, item in zip(sessions, prepared)]
+        if len(prepared) > 1 and not self._batchable():
+            return [self._infer_prepared([item], [state])[0] for item, state in zip(prepared, states)]
+        return self._infer_prepared(list(prepared), states)
+
+    def _infer_prepared(self, prepared: list[_Prepared], states: list[dict[str, Any]]) -> list[Reply]:
+        """The device half: one forward pass for the rows, the post-processor, one copy of the batch to the host."""
+        seeds = [item.seed for item in prepared]
         with self._lock, self._grad_mode(), _DeviceTimer(self.device) as timer:
-            batches = [self._preprocess(item) for item in mapped]
+            if self.model is None:
+                raise RuntimeError(f"model {self.model_id} was unloaded")
+            batches = [self._when_ready(item) for item in prepared]
             with self._autocast():
                 if self.config.type in _QUEUE_FED_TYPES:
                     actions = self._predict_from_histories(batches, states, seeds)
+                elif len(batches) == 1:
+                    actions = self._predict_chunk(batches[0], states[0], self._sampling_kwargs([prepared[0].rtc], seeds))
                 else:
-                    kwargs = self._sampling_kwargs([rtc for _, rtc, _ in fields], seeds)
+                    kwargs = self._sampling_kwargs([item.rtc for item in prepared], seeds)
                     actions = self.model.predict_action_chunk(_concat(batches), **kwargs)
             chunks = self._postprocess(actions)
         return [timer.stamp({"actions": chunk}) for chunk in chunks]
+
+    def _on_preparation_stream(self) -> Any:
+        """On CUDA, a context that queues the preparation's device work on its own stream."""
+        if not self.device.startswith("cuda"):
+            return contextlib.nullcontext()
+        import torch
+
+        if self._preparation_stream is None:
+            self._preparation_stream = torch.cuda.Stream(device=self.device)
+        return torch.cuda.stream(self._preparation_stream)
+
+    def _record_ready(self) -> Any:
+        """A CUDA event marking the end of the preparation's device work (``None`` elsewhere)."""
+        if self._preparation_stream is None:
+            return None
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(self._preparation_stream)
+        return event
+
+    def _when_ready(self, prepared: _Prepared) -> dict[str, Any]:
+        """The prepared tensors, with the model's stream made to wait for the preparation stream's copies."""
+        if prepared.ready is not None:
+            import torch
+
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(prepared.ready)
+            for value in prepared.batch.values():
+                if isinstance(value, torch.Tensor) and value.is_cuda:
+                    # Allocated on the preparation stream, read on this one: not reused before this stream is done.
+                    value.record_stream(stream)
+        return prepared.batch
 
     def _session_state(self, session: Any) -> dict[str, Any] | None:
         """The per-client state a batch entry's session owns (``None`` for a session of another policy)."""
@@ -488,7 +581,7 @@ class LeRobotPolicy(Policy):
         return tensor
 
     def _preprocess(self, mapped: Any) -> dict[str, Any]:
-        """Tensors on the device through the checkpoint's pre-processor (batch of one). Holds the lock."""
+        """Tensors on the device through the checkpoint's pre-processor (batch of one). Holds the preparation lock."""
         if self.model is None:
             raise RuntimeError(f"model {self.model_id} was unloaded")
         batch = self.preprocessor(self._to_batch(mapped))
@@ -506,27 +599,33 @@ class LeRobotPolicy(Policy):
 
     def _to_batch(self, mapped: Any) -> dict[str, Any]:
         """Unbatched tensors on the device; images float 3xHxW in [0, 1] at the policy's size."""
-        import torch
-
         batch: dict[str, Any] = {}
         if mapped.state is not None:
-            batch[STATE] = torch.from_numpy(mapped.state.copy()).to(self.device)
+            batch[STATE] = self._to_device(mapped.state)
         if mapped.env_state is not None:
-            batch[ENV_STATE] = torch.from_numpy(mapped.env_state.copy()).to(self.device)
+            batch[ENV_STATE] = self._to_device(mapped.env_state)
         for key, image in mapped.images.items():
             batch[key] = self._image_tensor(image, self.image_sizes[key])
         batch["task"] = mapped.task if mapped.task is not None else ""
         return batch
 
+    def _to_device(self, array: np.ndarray) -> Any:
+        """``array`` as a tensor on the device, in memory of its own (decoded messages are read-only views)."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            # One copy into page-locked memory, then an asynchronous copy on the current (preparation) stream.
+            pinned = torch.empty(array.shape, dtype=_torch_dtype(array.dtype), pin_memory=True)
+            pinned.numpy()[...] = array
+            return pinned.to(self.device, non_blocking=True)
+        return torch.from_numpy(np.array(array, copy=True, order="C")).to(self.device)
+
     def _image_tensor(self, image: np.ndarray, size: tuple[int, int]) -> Any:
         import torch
         import torch.nn.functional as F
 
-        # Decoded messages are read-only views; torch wants writable memory (one cheap copy).
-        if not image.flags.writeable or not image.flags.c_contiguous:
-            image = np.array(image, copy=True, order="C")
         # Move the compact uint8 frame to the device first, then convert and resize there.
-        tensor = torch.from_numpy(image).to(self.device)
+        tensor = self._to_device(image)
         if tensor.dtype == torch.uint8:
             tensor = tensor.permute(2, 0, 1).float().div_(255.0)
         if tuple(tensor.shape[-2:]) != tuple(size):
@@ -662,6 +761,25 @@ class _DeviceTimer:
             self.events[1].synchronize()
             reply["server_timing"] = {"gpu_ms": float(self.events[0].elapsed_time(self.events[1]))}
         return reply
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """One request made ready for a batch: its pre-processed batch of one, on the device, and its sampling fields."""
+
+    #: The observation as received (for a session of another policy, which infers it itself).
+    obs: Observation
+    batch: dict[str, Any]
+    rtc: RTCRequest | None
+    seed: int | None
+    #: On CUDA, the event after which the preparation stream's copies are done.
+    ready: Any = None
+
+
+def _torch_dtype(dtype: np.dtype) -> Any:
+    import torch
+
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
 
 def _take_sampling_fields(obs: Observation) -> tuple[Observation, RTCRequest | None, int | None]:

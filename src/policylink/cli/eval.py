@@ -142,7 +142,7 @@ class _server:
                 args.action_dim = _sim_action_dim(args.env)
             engine = Engine(builtin_from_args(args))
         elif args.policy_path:
-            loader = model_loader(rtc_support_from_args(args))
+            loader = model_loader(rtc_support_from_args(args), args.compile)
             if loader is None:
                 raise ImportError("loading --policy.path locally needs the server extra: pip install 'policylink[server]'")
             engine = Engine(None, loader=loader)  # idle: every client configures it

@@ -60,6 +60,9 @@ def add_parser(subparsers: Any) -> None:
     batching.add_argument("--max-batch", type=int, default=8, help="largest batch of requests from different clients run in one forward pass; 1 turns batching off (default: 8)")
     batching.add_argument("--batch-timeout-ms", type=float, default=2.0, help="how long a request waits for others to share its batch (default: 2)")
     batching.add_argument("--max-queue", type=int, default=64, help="requests queued per model before new ones get 'server busy' (default: 64)")
+    batching.add_argument("--no-overlap", dest="overlap", action="store_false",
+                          help="prepare each request (resize, normalise, tokenise, copy to the device) inside its batch on the model's thread, "
+                               "instead of on its own thread while the batch before runs (default: overlap)")
     parser.set_defaults(func=run)
 
 
@@ -137,7 +140,7 @@ def batch_options_from_args(args: argparse.Namespace) -> Any:
 
     if args.max_batch < 1 or args.max_queue < 1:
         raise ValueError("--max-batch and --max-queue must be at least 1")
-    return BatchOptions(max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms, max_queue=args.max_queue)
+    return BatchOptions(max_batch=args.max_batch, batch_timeout_ms=args.batch_timeout_ms, max_queue=args.max_queue, overlap=getattr(args, "overlap", True))
 
 
 def add_policy_flags(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +159,10 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--policy.actions", dest="actions", default=None, help="built-in replay: .npy/.npz file of recorded actions (default: a smooth sine trajectory)")
     group.add_argument("--device", default="auto", help="LeRobot checkpoints: cpu, cuda, cuda:N, mps or auto (default: auto)")
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="LeRobot checkpoints: opt-in mixed precision (default: float32)")
+    group.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead", "max-autotune"], metavar="MODE",
+                       help="LeRobot checkpoints: torch.compile the policy's network, warmed up at load for batches of one and more "
+                            "(takes minutes; MODE default, reduce-overhead = CUDA graphs on a GPU, or max-autotune; default: off). "
+                            "Measured in BENCHMARKS.md")
     group.add_argument("--policy.task", dest="policy_task", metavar="TEXT", default=None, help="LeRobot checkpoints: prompt used when an observation carries no 'task'/'prompt'")
     group.add_argument("--policy.rename_map", dest="policy_rename_map", metavar="CLIENT=POLICY,...", default="", help="LeRobot checkpoints: client camera names to policy camera names, CLIENT=POLICY,... (e.g. top=front)")
     rtc = parser.add_argument_group("real-time chunking (flow-matching policies: flow, SmolVLA, pi0, pi0.5)")
@@ -218,25 +225,27 @@ def policy_from_args(args: argparse.Namespace) -> Policy | None:
     if args.policy_path and args.policy_type:
         raise ValueError("give either --policy.path or --policy.type, not both")
     if args.policy_type:
+        if getattr(args, "compile", None):
+            raise ValueError("--compile applies to LeRobot checkpoints (--policy.path), not to built-in policies")
         return builtin_from_args(args)
     if args.policy_path:
         return _lerobot_backend().load_policy(
             args.policy_path, device=args.device, dtype=args.dtype,
             task=getattr(args, "policy_task", None), rename_map=getattr(args, "policy_rename_map", None),
-            rtc=rtc_support_from_args(args),
+            rtc=rtc_support_from_args(args), compile=getattr(args, "compile", None),
         )
     return None
 
 
-def model_loader(rtc: RTCSupport | None = RTCSupport()) -> Any:
-    """The loader for configure requests, if the [server] extra is installed (``rtc``: the server's RTC defaults)."""
+def model_loader(rtc: RTCSupport | None = RTCSupport(), compile: str | None = None) -> Any:
+    """The loader for configure requests, if the [server] extra is installed (``rtc``, ``compile``: the server's settings)."""
     try:
-        return functools.partial(_lerobot_backend().load_from_request, rtc=rtc)
+        return functools.partial(_lerobot_backend().load_from_request, rtc=rtc, compile=compile)
     except ImportError:
         return None
 
 
-def loader_options(rtc: RTCSupport | None = RTCSupport()) -> dict[str, Any]:
+def loader_options(rtc: RTCSupport | None = RTCSupport(), compile: str | None = None) -> dict[str, Any]:
     """Engine options that come with the LeRobot loader (none without the [server] extra).
 
     Importing torch and LeRobot here, at start-up, keeps the first configure
@@ -247,7 +256,7 @@ def loader_options(rtc: RTCSupport | None = RTCSupport()) -> dict[str, Any]:
     except ImportError:
         return {}
     backend.import_runtime()
-    return {"loader": functools.partial(backend.load_from_request, rtc=rtc), "resolve_device": backend.resolve_device, "estimate_bytes": backend.estimate_checkpoint_bytes}
+    return {"loader": functools.partial(backend.load_from_request, rtc=rtc, compile=compile), "resolve_device": backend.resolve_device, "estimate_bytes": backend.estimate_checkpoint_bytes}
 
 
 def engine_from_args(args: argparse.Namespace, policy: Policy | None) -> Any:
@@ -267,7 +276,7 @@ def engine_from_args(args: argparse.Namespace, policy: Policy | None) -> Any:
     return Engine(
         policy, max_models=args.max_models, memory_budget_bytes=budget, batching=batch_options_from_args(args),
         policy_request=request, model_roots=args.model_root, api_key=resolve_api_key(args.api_key, args.api_key_file),
-        max_connections=args.max_connections, **loader_options(rtc_support_from_args(args)),
+        max_connections=args.max_connections, **loader_options(rtc_support_from_args(args), args.compile),
     )
 
 

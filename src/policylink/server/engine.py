@@ -108,6 +108,8 @@ class BatchOptions:
     batch_timeout_ms: float = 2.0
     #: Requests queued or running per model before new ones get "server busy".
     max_queue: int = 64
+    #: Prepare each request on its own thread while the batch before runs (policies with a ``prepare`` step).
+    overlap: bool = True
 
 
 @dataclasses.dataclass
@@ -167,7 +169,15 @@ class ServedModel:
         # A policy that keeps state or owns one accelerator runs one call at a time.
         workers = max_workers if policy.thread_safe else 1
         self._executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"infer-{self.key[-24:]}")
-        self.scheduler = BatchScheduler(policy, self.run, self.batching.max_batch, self.batching.batch_timeout_ms) if self.batching.max_batch > 1 else None
+        self._preparer: concurrent.futures.ThreadPoolExecutor | None = None
+        self.scheduler: BatchScheduler | None = None
+        if self.batching.max_batch > 1:
+            prepare = None
+            if self.batching.overlap and _prepares(policy):
+                # One thread: preparation uses the policy's pre-processor (tokenizers are not thread-safe).
+                self._preparer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{self.key[-24:]}")
+                prepare = self._run_preparation
+            self.scheduler = BatchScheduler(policy, self.run, self.batching.max_batch, self.batching.batch_timeout_ms, prepare=prepare)
         #: Requests of this model queued or running now.
         self.in_flight = 0
 
@@ -178,6 +188,10 @@ class ServedModel:
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on this model's workers and await the result."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _run_preparation(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._preparer is not None
+        return await asyncio.get_running_loop().run_in_executor(self._preparer, fn, *args)
 
     async def infer(self, session_policy: Policy, obs: Observation, deadline: float | None = None) -> tuple[Reply, dict[str, float]]:
         """Infer on the workers, batched with other clients' requests where the policy allows.
@@ -228,8 +242,15 @@ class ServedModel:
         self._close_policy()
 
     def _close_policy(self) -> None:
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.policy.close()
+
+
+def _prepares(policy: Policy) -> bool:
+    """Whether ``policy`` has a preparation step of its own (worth a thread that overlaps the model's)."""
+    return type(policy).prepare is not Policy.prepare
 
 
 def _timed_infer(policy: Policy, obs: Observation) -> tuple[float, Reply]:
