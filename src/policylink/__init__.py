@@ -9,6 +9,7 @@ The base install is the robot-side client::
 The server side (``policylink serve``) lives in :mod:`policylink.server`.
 """
 
+from .allocator import tune_allocator
 from .client import ActionChunk, PolicyClient
 from .errors import (
     ConnectionFailed,
@@ -34,5 +35,6 @@ __all__ = [
     "InferenceTimeout",
     "ProtocolError",
     "ConnectionFailed",
+    "tune_allocator",
     "__version__",
 ]

@@ -6,6 +6,11 @@ numpy arrays travel as a map ``{"__ndarray__": True, "data": <raw bytes>,
 (keys are msgpack *bin* strings, as openpi-client writes them). Object, void
 and complex arrays are refused: they cannot be rebuilt safely from bytes.
 
+A camera frame the client compressed (:class:`CompressedImage`) travels as
+``{"__image__": True, "format": "jpeg", "data": <bytes>, "shape": [H, W, 3]}``.
+This module only checks that map (format, shape, pixel limit); the pixels are
+decoded by :func:`policylink.compression.decompress_images`.
+
 Decoding wraps the received buffer with ``np.frombuffer`` instead of copying
 it, so an image arrives as a read-only view onto the message. Callers that
 need to write into an array must copy it.
@@ -22,6 +27,7 @@ Every refusal is a :class:`ProtocolError` naming the limit.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from typing import Any
@@ -32,16 +38,32 @@ import numpy as np
 from .errors import ProtocolError
 from .limits import DEFAULT_LIMITS, MAX_DIMENSION, DecodeLimits
 
-__all__ = ["packb", "unpackb", "Packer", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["packb", "unpackb", "Packer", "CompressedImage", "IMAGE_FORMATS", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 #: Default largest message the server and client accept (bytes).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _NDARRAY = b"__ndarray__"
 _NPGENERIC = b"__npgeneric__"
+_IMAGE = b"__image__"
+#: Compressed image formats a message may carry.
+IMAGE_FORMATS = ("jpeg", "png")
 _REFUSED_KINDS = {"O": "object", "V": "void (structured)", "c": "complex"}
 _SCALAR_DATA_TYPES = (bool, int, float, str, bytes)
 _MAX_DTYPE_CHARS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedImage:
+    """A camera frame in compressed form: its ``format`` (one of :data:`IMAGE_FORMATS`), the encoded
+    bytes, and the ``(height, width, 3)`` uint8 shape it decodes to (checked against the image's own header)."""
+
+    format: str
+    data: bytes
+    shape: tuple[int, int, int]
+
+    def __repr__(self) -> str:
+        return f"CompressedImage({self.format}, {len(self.data)} bytes, shape={self.shape})"
 
 
 def refuse_unsendable(value: np.ndarray | np.generic) -> None:
@@ -52,6 +74,8 @@ def refuse_unsendable(value: np.ndarray | np.generic) -> None:
 
 
 def _encode_numpy(obj: Any) -> Any:
+    if isinstance(obj, CompressedImage):
+        return {_IMAGE: True, b"format": obj.format, b"data": obj.data, b"shape": list(obj.shape)}
     if isinstance(obj, (np.ndarray, np.generic)):
         refuse_unsendable(obj)
     if isinstance(obj, np.ndarray):
@@ -68,7 +92,29 @@ def _decode_numpy(obj: dict, limits: DecodeLimits) -> Any:
         return _decode_array(obj, limits)
     if _NPGENERIC in obj:
         return _decode_scalar(obj)
+    if _IMAGE in obj:
+        return _decode_image(obj, limits)
     return obj
+
+
+def _decode_image(obj: dict, limits: DecodeLimits) -> CompressedImage:
+    """The compressed-image map, checked: a known format, bytes, an ``[H, W, 3]`` shape within the pixel limit."""
+    try:
+        name, data, shape = obj[b"format"], obj[b"data"], obj[b"shape"]
+    except KeyError as exc:
+        raise ProtocolError(f"malformed compressed image: missing {exc}") from None
+    if name not in IMAGE_FORMATS:
+        raise ProtocolError(f"compressed image: unknown format {str(name)[:16]!r} (accepted: {', '.join(IMAGE_FORMATS)})")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError("malformed compressed image: 'data' is not bytes")
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or any(type(n) is not int for n in shape) or shape[2] != 3:
+        raise ProtocolError(f"compressed image: shape must be [height, width, 3], got {str(shape)[:40]}")
+    height, width, _ = shape
+    if not (0 < height < MAX_DIMENSION and 0 < width < MAX_DIMENSION):
+        raise ProtocolError(f"compressed image: shape {shape} has an empty or out-of-range side")
+    if height * width > limits.max_image_pixels:
+        raise ProtocolError(f"compressed image of {width}x{height} pixels exceeds the {limits.max_image_pixels}-pixel limit (max_image_pixels)")
+    return CompressedImage(name, bytes(data), (height, width, 3))
 
 
 def checked_dtype(spec: Any, what: str) -> np.dtype:

@@ -1,8 +1,10 @@
 """Camera frames and state vectors out of observations, and JPEG coding.
 
-Shared by the monitor (live frames) and the recorder (``images/``). JPEG
-coding uses Pillow, or OpenCV when Pillow is missing; the robot-side base
-install has neither, so ``pip install 'policylink[monitor]'`` brings Pillow.
+Shared by the monitor (live frames), the recorder (``images/``) and
+compressed camera frames on the wire (:mod:`policylink.compression`). JPEG
+coding uses simplejpeg (libjpeg-turbo; the fastest here, see BENCHMARKS.md),
+else Pillow, else OpenCV; the robot-side base install has none of them:
+``pip install 'policylink[jpeg]'`` brings simplejpeg, ``[monitor]`` Pillow.
 
 :func:`decode_image` is the decoder for images that arrive from the network:
 it accepts only the formats it is given (JPEG, PNG), reads the image's size
@@ -32,11 +34,12 @@ __all__ = [
     "ImageDecodeError",
     "ImageTooLarge",
     "jpeg_available",
+    "png_available",
     "JPEG_MISSING",
 ]
 
-#: The message raised when neither Pillow nor OpenCV can be imported.
-JPEG_MISSING = "JPEG encoding needs Pillow (pip install 'policylink[monitor]') or OpenCV"
+#: The message raised when no JPEG coder can be imported.
+JPEG_MISSING = "JPEG coding needs simplejpeg (pip install 'policylink[jpeg]'), Pillow or OpenCV"
 
 _IMAGE_PREFIXES = ("observation.images.", "observation/images/")
 _SINGLE_IMAGE_KEYS = {"observation.image": "image", "observation/image": "image", "observation/wrist_image": "wrist_image"}
@@ -105,6 +108,15 @@ def _is_frame(value: Any) -> bool:
 def jpeg_available() -> bool:
     """Whether :func:`encode_jpeg` can work here."""
     try:
+        _jpeg_backend()
+    except ImportError:
+        return False
+    return True
+
+
+def png_available() -> bool:
+    """Whether PNG images can be decoded here (Pillow or OpenCV)."""
+    try:
         _backend()
     except ImportError:
         return False
@@ -112,9 +124,13 @@ def jpeg_available() -> bool:
 
 
 def encode_jpeg(frame: np.ndarray, quality: int = 85) -> bytes:
-    """Encode an ``HxWx3`` RGB (or ``HxW`` grey) uint8 frame as JPEG bytes."""
-    backend, module = _backend()
+    """Encode an ``HxWx3`` RGB (or ``HxW`` grey) uint8 frame as JPEG bytes (colour at 4:2:0, as every backend does)."""
+    backend, module = _jpeg_backend()
     frame = np.ascontiguousarray(frame)
+    if backend == "simplejpeg":
+        if frame.ndim == 2 or frame.shape[-1] == 1:
+            return module.encode_jpeg(frame.reshape(*frame.shape[:2], 1), quality=quality, colorspace="GRAY", colorsubsampling="Gray")
+        return module.encode_jpeg(frame, quality=quality, colorspace="RGB", colorsubsampling="420")
     if frame.ndim == 3 and frame.shape[-1] == 1:
         frame = frame[..., 0]
     if backend == "pillow":
@@ -131,7 +147,9 @@ def encode_jpeg(frame: np.ndarray, quality: int = 85) -> bytes:
 
 def decode_jpeg(data: bytes) -> np.ndarray:
     """Decode JPEG bytes into an ``HxWx3`` RGB uint8 array."""
-    backend, module = _backend()
+    backend, module = _jpeg_backend()
+    if backend == "simplejpeg":
+        return module.decode_jpeg(bytes(data), colorspace="RGB")
     if backend == "pillow":
         return np.asarray(module.open(io.BytesIO(data)).convert("RGB"))
     frame = module.imdecode(np.frombuffer(data, np.uint8), module.IMREAD_COLOR)
@@ -258,7 +276,9 @@ def decode_image(data: bytes, max_pixels: int, formats: tuple[str, ...] = ("JPEG
         raise ImageDecodeError(f"image format {name} is not accepted (accepted: {', '.join(accepted)})")
     name, width, height = image_header(data)
     _check_size(width, height, max_pixels)
-    backend, module = _backend()
+    backend, module = _jpeg_backend() if name == "JPEG" else _backend()
+    if backend == "simplejpeg":
+        return _decode_simplejpeg(module, data, width, height)
     if backend == "pillow":
         return _decode_pillow(module, data, name, width, height)
     frame = module.imdecode(np.frombuffer(data, np.uint8), module.IMREAD_COLOR)
@@ -289,6 +309,29 @@ def _decode_pillow(image_module: Any, data: bytes, name: str, width: int, height
     except Exception as exc:  # Pillow's plugins raise many kinds (OSError, SyntaxError, ValueError, ...)
         raise ImageDecodeError(f"not a decodable {name} image ({type(exc).__name__}: {exc})") from None
     return np.asarray(rgb)
+
+
+def _decode_simplejpeg(module: Any, data: bytes, width: int, height: int) -> np.ndarray:
+    try:
+        # strict: libjpeg's recoverable errors (a truncated or damaged stream) are errors, not grey patches.
+        frame = module.decode_jpeg(data, colorspace="RGB", strict=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # simplejpeg raises ValueError for corrupt data, but be safe
+        raise ImageDecodeError(f"not a decodable JPEG image ({type(exc).__name__}: {exc})") from None
+    if frame.shape[:2] != (height, width):
+        raise ImageDecodeError(f"not a decodable JPEG image (header says {width}x{height}, decoded {frame.shape[1]}x{frame.shape[0]})")
+    return frame
+
+
+def _jpeg_backend() -> tuple[str, Any]:
+    """The JPEG coder: simplejpeg when installed, else :func:`_backend`'s."""
+    try:
+        import simplejpeg
+
+        return "simplejpeg", simplejpeg
+    except ImportError:
+        return _backend()
 
 
 def _backend() -> tuple[str, Any]:

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..allocator import tune_allocator
 from ._watch import Watchers, add_watch_flags
-from .run import add_rtc_flags, check_rtc_flags
+from .run import add_image_codec_flags, add_rtc_flags, check_rtc_flags
 from .serve import add_policy_flags
 
 HELP = """\
@@ -61,6 +62,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--videos", type=int, default=0, help="record MP4 videos of the first M episodes (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one chunk (default: 60)")
+    add_image_codec_flags(parser)
     execution = parser.add_argument_group("chunk execution (in simulated time)")
     execution.add_argument("--mode", choices=["sync", "async"], default="sync", help="sync: infer, execute, infer again; async: ask for the next chunk while the current one runs (default: sync)")
     execution.add_argument("--sim-latency-steps", type=int, default=0, help="simulated inference delay in control steps (default: 0)")
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import EvalConfig, ExecutionConfig, evaluate, format_summary
 
     check_rtc_flags(args, args.mode)
+    tune_allocator()  # camera-sized messages: reuse heap buffers instead of mapping fresh pages per message
     env_options = {}
     if args.env_obs_type:
         if args.env != "pusht":
@@ -103,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         policy_path=args.policy_path,
         configure={"device": args.device, "dtype": args.dtype, "task": args.policy_task, "rename_map": args.policy_rename_map},
         timeout=args.timeout,
+        image_codec=args.image_codec,
+        image_quality=args.image_quality,
     )
     if args.log_level != "debug":
         # Per-request and per-connection lines (K clients, a local server) would bury the progress bar.

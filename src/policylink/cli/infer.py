@@ -10,6 +10,7 @@ import numpy as np
 
 from ..client import PolicyClient
 from ..observations import example_observation
+from .run import add_image_codec_flags
 
 
 def add_parser(subparsers: Any) -> None:
@@ -25,12 +26,16 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--api-key", default=os.environ.get("POLICYLINK_API_KEY"), help="API key the server requires (default: $POLICYLINK_API_KEY)")
     parser.add_argument("--ca-file", default=None, metavar="PEM", help="wss:// or grpcs://: the CA certificate that signed the server's (default: the system's roots)")
     parser.add_argument("--task", default=None, help="language instruction to send as 'task'")
+    add_image_codec_flags(parser)
     parser.add_argument("--policy.path", dest="policy_path", default=None, help="ask an idle server to load this checkpoint first")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with PolicyClient(args.server, api_key=args.api_key, timeout=args.timeout, connect_timeout=args.connect_timeout, ca_file=args.ca_file) as client:
+    with PolicyClient(
+        args.server, api_key=args.api_key, timeout=args.timeout, connect_timeout=args.connect_timeout, ca_file=args.ca_file,
+        image_codec=args.image_codec, quality=args.image_quality,
+    ) as client:
         metadata = client.configure(args.policy_path) if args.policy_path else client.metadata
         if metadata is None:
             raise RuntimeError(f"server at {args.server} is idle; pass --policy.path to load a model")

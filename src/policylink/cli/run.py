@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ..allocator import tune_allocator
 from ..runtime.merging import MERGE_RULES
 
 HELP = """\
@@ -43,6 +44,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--server", default=None, help="policy server URL, ws://host:port (default: start a local server with --policy.type)")
     parser.add_argument("--api-key", default=os.environ.get("POLICYLINK_API_KEY"), help="API key the server requires (default: $POLICYLINK_API_KEY)")
     parser.add_argument("--ca-file", default=None, metavar="PEM", help="wss:// or grpcs://: the CA certificate that signed the server's (default: the system's roots)")
+    add_image_codec_flags(parser)
     env = parser.add_argument_group("environment")
     env.add_argument("--env", dest="env", default="fake", choices=["fake", "replay", "robot"], help="environment (default: fake)")
     env.add_argument("--env.layout", dest="env_layout", default="single", choices=["single", "bimanual"], help="fake: single arm (6-d) or bimanual (12-d) (default: single)")
@@ -104,6 +106,14 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def add_image_codec_flags(parser: Any) -> None:
+    """``--image-codec`` and ``--image-quality``: how the client sends camera frames."""
+    parser.add_argument("--image-codec", default="raw", choices=["raw", "jpeg"],
+                        help="how camera frames travel: raw arrays (default) or JPEG, for links slower than about 1 Gbit/s "
+                             "(needs the [jpeg] extra; see docs/protocol.md)")
+    parser.add_argument("--image-quality", type=int, default=90, metavar="Q", help="--image-codec jpeg: quality 1-100 (default: 90)")
+
+
 def add_rtc_flags(group: Any) -> None:
     """``--rtc.horizon`` and ``--rtc.guidance``: what an executor with ``--merge rtc`` asks of the server."""
     group.add_argument("--rtc.horizon", dest="rtc_request_horizon", type=int, default=None, metavar="N",
@@ -137,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
     if args.sim_latency_steps is not None and args.env == "robot":  # before any hardware is touched
         raise ValueError("--sim-latency-steps simulates time without waiting: it cannot drive a real robot (--env robot)")
     check_rtc_flags(args, args.mode, args.compensate)
-    with make_env(args) as env, _server(args, env) as url, PolicyClient(url, api_key=args.api_key, ca_file=args.ca_file) as client:
+    tune_allocator()  # camera-sized messages: reuse heap buffers instead of mapping fresh pages per message
+    with make_env(args) as env, _server(args, env) as url, PolicyClient(
+        url, api_key=args.api_key, ca_file=args.ca_file, image_codec=args.image_codec, quality=args.image_quality
+    ) as client:
         metadata = client.metadata
         if metadata is None:
             raise ValueError(f"the server at {url} has no model loaded; start it with a policy or use 'policylink infer --policy.path'")

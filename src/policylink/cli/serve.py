@@ -9,6 +9,7 @@ import logging
 import os
 from typing import Any
 
+from ..allocator import tune_allocator
 from ..policies.builtin import BUILTIN_POLICIES, make_builtin_policy
 from ..rtc.request import SCHEDULES, RTCSupport
 from ..server.auth import API_KEY_ENV
@@ -53,6 +54,9 @@ def add_parser(subparsers: Any) -> None:
                         help=f"WebSocket + TCP connections at once; more are refused as busy (default: {DEFAULT_MAX_CONNECTIONS})")
     limits.add_argument("--read-timeout", type=float, default=10.0, metavar="S", help="TCP: close a connection silent this long inside a frame (default: 10)")
     limits.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="TCP: close a connection silent this long between requests (default: 300)")
+    parser.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
+                        help="leave glibc's allocator as it is (by default its mmap/trim thresholds are raised so that message "
+                             "buffers are reused instead of mapped and unmapped per message; see policylink.allocator)")
     parser.add_argument("--metrics-port", type=int, default=None, help="also serve Prometheus metrics on this port (they are always at /metrics on the WebSocket port)")
     parser.add_argument("--max-models", type=int, metavar="N", default=2, help="models kept loaded for configure requests; least recently used evicted (default: 2)")
     parser.add_argument("--model-memory-gb", type=float, metavar="GB", default=None, help="also evict when cached models' weights exceed this many GiB (default: no limit)")
@@ -293,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
     from ..server.websocket import WebSocketServer
 
     check_protocol_flags(args)
+    if args.malloc_tuning:
+        tune_allocator()
     policy = policy_from_args(args)
     engine = engine_from_args(args, policy)
     ws = WebSocketServer(engine, args.host, args.port, max_message_bytes=max_message_bytes(args), tls_cert=args.tls_cert, tls_key=args.tls_key)

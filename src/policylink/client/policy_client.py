@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES
+from ..compression import check_image_codec, compress_images
 from ..errors import ConnectionFailed, InferenceTimeout, ModelNotLoaded, ProtocolError
 from ..types import Observation, PolicyMetadata
 from .transport import ConnectionLost, Transport
@@ -92,6 +93,13 @@ class PolicyClient:
     the CA that signed the server's certificate (default: the system's
     roots). ``grpc://host:port`` talks the typed gRPC protocol; it needs the
     ``[grpc]`` extra and behaves the same.
+
+    ``image_codec="jpeg"`` sends camera frames (every ``HxWx3`` uint8 array)
+    JPEG-compressed at ``quality`` (1-100), which pays off on links slower
+    than about 1 Gbit/s (docs/protocol.md says when); it needs a JPEG coder
+    (``pip install 'policylink[jpeg]'``). Raw arrays are the default. A
+    server that does not announce JPEG in its metadata gets raw frames, with
+    one warning.
     """
 
     def __init__(
@@ -103,11 +111,17 @@ class PolicyClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         connect: bool = True,
         ca_file: str | None = None,
+        image_codec: str | None = None,
+        quality: int = 90,
     ) -> None:
         scheme = urlparse(url).scheme
         self.url = url
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        #: How camera frames travel: ``raw`` arrays or ``jpeg`` (at :attr:`quality`).
+        self.image_codec = check_image_codec(image_codec, quality)
+        self.quality = quality
+        self._raw_fallback_warned = False
         self._transport: Transport
         if scheme in ("ws", "wss"):
             self._transport = WebSocketTransport(url, api_key, connect_timeout, max_message_bytes, ca_file=ca_file)
@@ -116,7 +130,9 @@ class PolicyClient:
                 from .grpc import GrpcTransport
             except ImportError as exc:
                 raise ImportError(f"{scheme}:// URLs need the grpc extra: pip install 'policylink[grpc]' ({exc})") from None
-            self._transport = GrpcTransport(url, api_key, connect_timeout, max_message_bytes, ca_file=ca_file)
+            # The typed protocol has a JPEG field of its own; its server always accepts it.
+            jpeg_quality = quality if self.image_codec == "jpeg" else None
+            self._transport = GrpcTransport(url, api_key, connect_timeout, max_message_bytes, ca_file=ca_file, jpeg_quality=jpeg_quality)
         else:
             raise ValueError(f"unsupported server URL {url!r}: expected ws://, wss://, grpc:// or grpcs://host:port")
         #: How many times the client reconnected after losing the server.
@@ -156,12 +172,25 @@ class PolicyClient:
         if not isinstance(obs, Mapping):
             raise TypeError(f"obs must be a dict of arrays, got {type(obs).__name__}")
         sent = time.perf_counter()
-        reply = self._request(dict(obs), timeout)
+        reply = self._request(self._encoded(obs), timeout)
         if not isinstance(reply, dict) or "actions" not in reply:
             raise ProtocolError(f"server reply has no 'actions' (got {type(reply).__name__})")
         chunk = ActionChunk(reply)
         chunk.reply["client_timing"] = {"roundtrip_ms": (time.perf_counter() - sent) * 1e3}
         return chunk
+
+    def _encoded(self, obs: Observation) -> dict[str, Any]:
+        """The observation as it goes on the wire: camera frames JPEG-compressed when asked for and accepted."""
+        if self.image_codec != "jpeg" or not isinstance(self._transport, WebSocketTransport):
+            return dict(obs)
+        if not self._transport.connected:
+            self._ensure_session(time.monotonic() + self.connect_timeout)
+        if "jpeg" not in (self._transport.metadata_frame.get("image_codecs") or ()):
+            if not self._raw_fallback_warned:
+                logger.warning("%s does not accept JPEG images (its metadata lists none); sending raw frames", self.url)
+                self._raw_fallback_warned = True
+            return dict(obs)
+        return compress_images(obs, self.quality)
 
     def reset(self) -> None:
         """Ask the server to forget this client's episode state."""

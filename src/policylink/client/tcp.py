@@ -14,6 +14,7 @@ import struct
 from typing import Any
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
+from ..compression import check_image_codec, compress_images
 from ..errors import ConnectionFailed, InferenceTimeout, ProtocolError, Unauthorized, error_for_kind
 
 __all__ = ["TcpClient"]
@@ -27,12 +28,20 @@ class TcpClient:
 
     ``timeout`` bounds each request; a request that times out closes the
     connection (its reply would arrive mid-stream) and raises
-    :class:`~policylink.errors.InferenceTimeout`.
+    :class:`~policylink.errors.InferenceTimeout`. ``image_codec="jpeg"``
+    sends camera frames JPEG-compressed at ``quality``, as
+    :class:`~policylink.PolicyClient` does (raw frames to a server that does
+    not announce JPEG).
     """
 
-    def __init__(self, host: str, port: int, timeout: float = 30.0, max_frame_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, api_key: str | None = None) -> None:
+    def __init__(
+        self, host: str, port: int, timeout: float = 30.0, max_frame_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, api_key: str | None = None,
+        image_codec: str | None = None, quality: int = 90,
+    ) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.timeout = timeout
+        self.image_codec = check_image_codec(image_codec, quality)
+        self.quality = quality
         self._packer = Packer()
         try:
             self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -68,8 +77,11 @@ class TcpClient:
     def request(self, message: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         """Send an observation or command map; return the reply map (raises on ``{"error": ...}``)."""
         timeout = self.timeout if timeout is None else timeout
-        if getattr(self, "metadata", {}).get("protocol") == _PROTOCOL and "__command__" not in message:
+        metadata = getattr(self, "metadata", {})
+        if metadata.get("protocol") == _PROTOCOL and "__command__" not in message:
             message = {**message, "__timeout_ms__": round(timeout * 1e3, 3)}
+            if self.image_codec == "jpeg" and "jpeg" in (metadata.get("image_codecs") or ()):
+                message = compress_images(message, self.quality)
         self.sock.settimeout(timeout)
         try:
             self.send_frame(self._packer.pack(message))

@@ -60,6 +60,9 @@ class EvalConfig:
     #: Extra fields of that configure request (``device``, ``dtype``, ``task``, ``rename_map``).
     configure: dict[str, Any] = dataclasses.field(default_factory=dict)
     timeout: float = 60.0
+    #: How the clients send camera frames: ``raw`` or ``jpeg`` (at ``image_quality``).
+    image_codec: str = "raw"
+    image_quality: int = 90
 
     def __post_init__(self) -> None:
         if self.episodes <= 0:
@@ -188,7 +191,7 @@ class _Run:
     def worker(self, number: int) -> None:
         config = self.config
         env = self.factory()
-        client = PolicyClient(self.url, timeout=config.timeout)
+        client = PolicyClient(self.url, timeout=config.timeout, image_codec=config.image_codec, quality=config.image_quality)
         try:
             metadata = self._connect(client, env)
             # openpi servers send no "status" and know no commands (no per-episode reset).

@@ -50,6 +50,7 @@ from ..errors import (
     RequestExpired,
     ServerBusy,
 )
+from ..compression import decodable_formats, decompress_images
 from ..rtc.request import RTC_KEY, SEED_KEY, RTCRequest, parse_seed
 from ..types import Observation, Policy, PolicyMetadata, Reply, as_action_chunk
 from .auth import ApiKey
@@ -127,7 +128,8 @@ class Request:
         """The request a msgpack map (WebSocket, TCP) carries; reserved keys are taken out."""
         if not isinstance(value, dict):
             raise RequestError(f"a request must be a msgpack map, got {type(value).__name__}")
-        fields = dict(value)
+        # Compressed camera frames are decoded here, on the decode threads (headers checked first).
+        fields = decompress_images(dict(value))
         timeout_s = _timeout_field(fields.pop(TIMEOUT_KEY, None))
         command = fields.pop(COMMAND_KEY, None)
         if command is not None and not isinstance(command, str):
@@ -325,6 +327,8 @@ class Engine:
             self.default_model = ServedModel(policy, max_workers=max_workers, batching=self.batching)
             key = model_key(policy_request) if policy_request else ("", "builtin", "", policy.metadata.model_id)
             self.models.pin(key, self.default_model)
+        #: Compressed image formats requests may carry (announced in the metadata; none without a JPEG decoder).
+        self.image_codecs = decodable_formats()
         self._decoder = concurrent.futures.ThreadPoolExecutor(decode_workers or min(4, os.cpu_count() or 2), thread_name_prefix="policylink-decode")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: set[asyncio.Future] = set()
@@ -358,7 +362,7 @@ class Engine:
         Both carry ``protocol`` (``policylink.v1``) and ``max_message_bytes``,
         so a client can refuse an oversized request before sending it.
         """
-        server = {"protocol": PROTOCOL_VERSION, "max_message_bytes": session.max_message_bytes}
+        server = {"protocol": PROTOCOL_VERSION, "max_message_bytes": session.max_message_bytes, "image_codecs": self.image_codecs}
         if session.model is None:
             return {"status": "idle", "model_id": None, "message": "no model loaded; send a configure request", **server}
         return {"status": "ready", **session.model.metadata.to_dict(), **server}
