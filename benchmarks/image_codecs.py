@@ -67,7 +67,7 @@ def coders() -> dict[str, tuple[Callable[[np.ndarray, int], bytes], Callable[[by
         found["PyTurboJPEG"] = (lambda f, q: turbo.encode(f, quality=q, pixel_format=0, jpeg_subsample=TJSAMP_420),
                                 lambda d: turbo.decode(d, pixel_format=0))
     except ImportError as exc:
-        found["PyTurboJPEG"] = f"not installed ({exc})"
+        found["PyTurboJPEG"] = f"not installed ({exc}); it also needs the system's libturbojpeg, which pip cannot bring to a robot"
     except Exception as exc:  # installed, but its libturbojpeg is not on this machine
         found["PyTurboJPEG"] = f"not usable: {type(exc).__name__}: {exc}"
     return found

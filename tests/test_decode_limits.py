@@ -501,6 +501,7 @@ def test_corrupt_images_are_decode_errors():
 
 
 def test_pillow_decompression_bomb_limit_becomes_our_error(monkeypatch):
+    monkeypatch.setattr(media, "_jpeg_backend", media._backend)  # JPEG through Pillow even where simplejpeg is installed
     refused(media.decode_image, _jpeg_claiming(20000, 20000), 10**9, match=r"exceeds Pillow's \d+-pixel decompression-bomb limit", error=media.ImageTooLarge)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     refused(media.decode_image, _encoded("PNG"), 10**6, match="image of 16x16 pixels exceeds Pillow's 100-pixel decompression-bomb limit")
@@ -539,6 +540,30 @@ def test_opencv_fallback_checks_the_header_before_decoding(monkeypatch):
     data = _encoded("PNG", (64, 48))
     np.testing.assert_array_equal(media.decode_image(data, 10**6), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     assert calls == [len(data)]
+
+
+def test_simplejpeg_path_checks_the_header_before_decoding_and_names_corrupt_data(monkeypatch):
+    calls = []
+
+    class FakeSimplejpeg:  # records calls, decodes with Pillow
+        @staticmethod
+        def decode_jpeg(data, colorspace, strict):
+            calls.append((len(data), colorspace, strict))
+            return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    monkeypatch.setattr(media, "_jpeg_backend", lambda: ("simplejpeg", FakeSimplejpeg))
+    refused(media.decode_image, _jpeg_claiming(20000, 20000), 16 * 2**20, match=PIXELS.format(w=20000, h=20000))
+    assert calls == []
+    data = _encoded("JPEG", (64, 48), quality=90)
+    np.testing.assert_array_equal(media.decode_image(data, 10**6), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    assert calls == [(len(data), "RGB", True)]  # strict: libjpeg's warnings (a damaged stream) are errors
+
+
+def test_real_simplejpeg_refuses_a_truncated_stream_by_name():
+    pytest.importorskip("simplejpeg")
+    data = _encoded("JPEG", (640, 480), quality=90)
+    assert media._jpeg_backend()[0] == "simplejpeg"
+    refused(media.decode_image, data[: len(data) // 2], 10**6, match="not a decodable JPEG image")
 
 
 def test_decode_image_arguments():

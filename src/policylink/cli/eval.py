@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..allocator import tune_allocator
 from ._watch import Watchers, add_watch_flags
 from .run import add_image_codec_flags, add_rtc_flags, check_rtc_flags
 from .serve import add_policy_flags
@@ -83,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import EvalConfig, ExecutionConfig, evaluate, format_summary
 
     check_rtc_flags(args, args.mode)
-    tune_allocator()  # camera-sized messages: reuse heap buffers instead of mapping fresh pages per message
     env_options = {}
     if args.env_obs_type:
         if args.env != "pusht":

@@ -10,7 +10,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ..allocator import tune_allocator
 from ..runtime.merging import MERGE_RULES
 
 HELP = """\
@@ -147,7 +146,6 @@ def run(args: argparse.Namespace) -> int:
     if args.sim_latency_steps is not None and args.env == "robot":  # before any hardware is touched
         raise ValueError("--sim-latency-steps simulates time without waiting: it cannot drive a real robot (--env robot)")
     check_rtc_flags(args, args.mode, args.compensate)
-    tune_allocator()  # camera-sized messages: reuse heap buffers instead of mapping fresh pages per message
     with make_env(args) as env, _server(args, env) as url, PolicyClient(
         url, api_key=args.api_key, ca_file=args.ca_file, image_codec=args.image_codec, quality=args.image_quality
     ) as client:

@@ -54,9 +54,9 @@ def add_parser(subparsers: Any) -> None:
                         help=f"WebSocket + TCP connections at once; more are refused as busy (default: {DEFAULT_MAX_CONNECTIONS})")
     limits.add_argument("--read-timeout", type=float, default=10.0, metavar="S", help="TCP: close a connection silent this long inside a frame (default: 10)")
     limits.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="TCP: close a connection silent this long between requests (default: 300)")
-    parser.add_argument("--no-malloc-tuning", dest="malloc_tuning", action="store_false",
-                        help="leave glibc's allocator as it is (by default its mmap/trim thresholds are raised so that message "
-                             "buffers are reused instead of mapped and unmapped per message; see policylink.allocator)")
+    parser.add_argument("--malloc-tuning", action="store_true",
+                        help="raise glibc's mmap/trim thresholds so that message buffers are reused instead of mapped and unmapped "
+                             "per message (policylink.allocator; measured in BENCHMARKS.md, round trip: no gain on our test machine)")
     parser.add_argument("--metrics-port", type=int, default=None, help="also serve Prometheus metrics on this port (they are always at /metrics on the WebSocket port)")
     parser.add_argument("--max-models", type=int, metavar="N", default=2, help="models kept loaded for configure requests; least recently used evicted (default: 2)")
     parser.add_argument("--model-memory-gb", type=float, metavar="GB", default=None, help="also evict when cached models' weights exceed this many GiB (default: no limit)")
@@ -297,8 +297,8 @@ def run(args: argparse.Namespace) -> int:
     from ..server.websocket import WebSocketServer
 
     check_protocol_flags(args)
-    if args.malloc_tuning:
-        tune_allocator()
+    if args.malloc_tuning and not tune_allocator():
+        print("policylink: --malloc-tuning: this C library has no mallopt (not glibc); allocator left as it is", flush=True)
     policy = policy_from_args(args)
     engine = engine_from_args(args, policy)
     ws = WebSocketServer(engine, args.host, args.port, max_message_bytes=max_message_bytes(args), tls_cert=args.tls_cert, tls_key=args.tls_key)
