@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["machine_line", "write_section", "percentile_ms", "latency_rows"]
+__all__ = ["machine_line", "write_section", "publish", "percentile_ms", "latency_rows"]
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery section is written by the script named in it; `make bench` reruns them all.\n"
@@ -67,3 +67,10 @@ def write_section(title: str, body: str, command: str | None = None) -> None:
         text = text.rstrip() + "\n\n" + section
     BENCHMARKS_MD.write_text(text.rstrip() + "\n")
     print(f"wrote section '{title}' of {BENCHMARKS_MD}")
+
+
+def publish(title: str, table: str, write: bool = True) -> None:
+    """Print a benchmark's table and, unless told not to (``--no-write``), write it as its BENCHMARKS.md section."""
+    print(table)
+    if write:
+        write_section(title, table)

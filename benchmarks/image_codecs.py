@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from _frames import tabletop_frame
-from _report import write_section
+from _report import publish
 
 SIZES = ((480, 640), (224, 224))
 QUALITIES = (75, 90)
@@ -125,9 +125,7 @@ def main() -> None:
                      "dependency, so the robot side stays light), else Pillow, else OpenCV.")
     lines += [f"- Not measured: {why}" for why in skipped]
     table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        write_section("Image codecs", table)
+    publish("Image codecs", table, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from _frames import tabletop_frame
-from _report import percentile_ms, write_section
+from _report import percentile_ms, publish
 
 HERE = Path(__file__).resolve().parent
 #: name -> tbf rate; burst above loopback's 64 KiB MTU, queue deep enough for a whole request.
@@ -249,9 +249,7 @@ def main() -> None:
     deviation = action_deviation(args.deviation_samples)
     print(deviation, flush=True)
     table = report(results, qdiscs, deviation, args)
-    print(table)
-    if not args.no_write:
-        write_section("Links: raw against JPEG", table)
+    publish("Links: raw against JPEG", table, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 
 from _baselines import RawTcpClient
 from _process import baseline_server, policylink_server
-from _report import latency_rows, percentile_ms, write_section
+from _report import latency_rows, percentile_ms, publish
 from policylink import PolicyClient, tune_allocator
 from policylink.codec import packb
 
@@ -123,9 +123,7 @@ def main() -> None:
         "bounds any pair built on it.",
     ]
     table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        write_section("Round trip (WebSocket)", table)
+    publish("Round trip (WebSocket)", table, write=not args.no_write)
 
 
 if __name__ == "__main__":

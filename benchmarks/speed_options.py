@@ -33,7 +33,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="policy
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _report import write_section  # noqa: E402
+from _report import publish  # noqa: E402
 from inference import CASES, build_checkpoint, observation  # noqa: E402
 from policylink.backends.lerobot import load_policy  # noqa: E402
 from policylink.rtc.request import SEED_KEY  # noqa: E402
@@ -141,9 +141,7 @@ def main() -> None:
         parts.append("- GPU rows (CUDA graphs, bfloat16 on a GPU): not measured: no GPU lent. "
                      "Run `python benchmarks/speed_options.py --device cuda` on one.")
     table = "\n".join(parts)
-    print(table)
-    if not args.no_write:
-        write_section(f"Speed options ({args.device})", table)
+    publish(f"Speed options ({args.device})", table, write=not args.no_write)
 
 
 if __name__ == "__main__":

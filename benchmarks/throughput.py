@@ -44,7 +44,7 @@ from openpi_client.websocket_client_policy import WebsocketClientPolicy
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _process import baseline_server, policylink_server  # noqa: E402
-from _report import percentile_ms, write_section  # noqa: E402
+from _report import percentile_ms, publish  # noqa: E402
 
 CLIENTS = (1, 2, 4, 8, 16, 32)
 MAX_BATCH = 16
@@ -291,9 +291,7 @@ def main() -> None:
                             "the requests they had completed count, the row's rate is what the server delivered.")
     parts += ["", *[f"- {note}" for note in notes]]
     table = "\n".join(parts)
-    print(table)
-    if not args.no_write:
-        write_section(f"Throughput, many clients ({args.device})", table)
+    publish(f"Throughput, many clients ({args.device})", table, write=not args.no_write)
 
 
 if __name__ == "__main__":
