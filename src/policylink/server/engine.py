@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from ..compression import decodable_formats, decompress_images
 from ..errors import (
     ErrorKind,
     ModelNotLoaded,
@@ -50,7 +51,6 @@ from ..errors import (
     RequestExpired,
     ServerBusy,
 )
-from ..compression import decodable_formats, decompress_images
 from ..rtc.request import RTC_KEY, SEED_KEY, RTCRequest, parse_seed
 from ..types import Observation, Policy, PolicyMetadata, Reply, as_action_chunk
 from .auth import ApiKey
