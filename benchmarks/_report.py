@@ -7,9 +7,11 @@ import os
 import platform
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["machine_line", "write_section", "publish", "percentile_ms", "latency_rows"]
+__all__ = ["machine_line", "write_section", "publish", "percentile_ms", "latency_rows", "measure"]
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 HEADER = "# Benchmarks\n\nEvery section is written by the script named in it; `make bench` reruns them all.\n"
@@ -74,3 +76,15 @@ def publish(title: str, table: str, write: bool = True) -> None:
     print(table)
     if write:
         write_section(title, table)
+
+
+def measure(call: Callable[[], object], requests: int, warmup: int = 20) -> list[float]:
+    """Durations in seconds of ``requests`` calls of ``call``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return samples

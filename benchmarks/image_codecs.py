@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 
 from _frames import tabletop_frame
-from _report import publish
+from _report import measure, publish
 
 SIZES = ((480, 640), (224, 224))
 QUALITIES = (75, 90)
@@ -74,13 +73,7 @@ def coders() -> dict[str, tuple[Callable[[np.ndarray, int], bytes], Callable[[by
 
 
 def median_ms(call: Callable[[], object], reps: int) -> float:
-    call()
-    durations = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        call()
-        durations.append(time.perf_counter() - started)
-    return statistics.median(durations) * 1e3
+    return statistics.median(measure(call, reps, warmup=1)) * 1e3
 
 
 def main() -> None:

@@ -16,11 +16,11 @@ import pickle
 import numpy as np
 
 from _process import free_port, policylink_server
-from _report import latency_rows, percentile_ms, write_section
+from _report import latency_rows, measure, percentile_ms, write_section
 from policylink import PolicyClient
 from policylink.client.grpc import GrpcTransport
 from policylink.client.tcp import TcpClient
-from roundtrip import benchmark_observation, measure
+from roundtrip import benchmark_observation
 
 CAMERAS = ("top", "left_wrist", "right_wrist")
 

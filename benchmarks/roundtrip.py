@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -22,7 +21,7 @@ from websockets.sync.client import connect
 
 from _baselines import RawTcpClient
 from _process import baseline_server, policylink_server
-from _report import latency_rows, percentile_ms, publish
+from _report import latency_rows, measure, percentile_ms, publish
 from policylink import PolicyClient, tune_allocator
 from policylink.codec import packb
 
@@ -32,17 +31,6 @@ def benchmark_observation(seed: int = 0) -> dict:
     obs = {f"observation.images.{cam}": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for cam in ("top", "left_wrist", "right_wrist")}
     obs["observation.state"] = rng.standard_normal(14).astype(np.float32)
     return obs
-
-
-def measure(call: Callable[[], object], requests: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(requests):
-        start = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def round_robin(pairs: list[tuple[str, Callable[[], object]]], requests: int) -> list[tuple[str, list[float]]]:

@@ -107,17 +107,17 @@ def _is_frame(value: Any) -> bool:
 
 def jpeg_available() -> bool:
     """Whether :func:`encode_jpeg` can work here."""
-    try:
-        _jpeg_backend()
-    except ImportError:
-        return False
-    return True
+    return _importable(_jpeg_backend)
 
 
 def png_available() -> bool:
     """Whether PNG images can be decoded here (Pillow or OpenCV)."""
+    return _importable(_backend)
+
+
+def _importable(backend: Any) -> bool:
     try:
-        _backend()
+        backend()
     except ImportError:
         return False
     return True
