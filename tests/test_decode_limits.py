@@ -7,6 +7,7 @@ growth (``/proc/self/statm``, and the process peak from ``getrusage``) under
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import io
@@ -15,6 +16,7 @@ import random
 import re
 import resource
 import struct
+import threading
 import time
 import zlib
 from typing import Any
@@ -26,9 +28,14 @@ import pytest
 import policylink.codec as codec
 import policylink.media as media
 import policylink.proto.convert as convert
+from policylink.codec import packb, unpackb
+from policylink.compression import compress_images
 from policylink.errors import ProtocolError
 from policylink.limits import DEFAULT_LIMITS, DecodeLimits
 from policylink.proto.v1 import policylink_pb2 as pb
+from policylink.server.engine import Engine, Request
+
+from conftest import EchoPolicy
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -591,3 +598,73 @@ def test_dtype_strings_numpy_cannot_read_or_that_name_structures_are_bad_request
     message.fields["t"].tensor.CopyFrom(pb.Tensor(dtype=spec if isinstance(spec, str) else "x", shape=[0], data=b""))
     with pytest.raises(ProtocolError, match="unknown dtype"):
         convert.proto_to_observation(message)
+
+
+# -- where a message is decoded: on the event loop only when that is sure to be cheap
+
+
+def _ordinary_observation() -> dict:
+    return {
+        "observation.state": np.arange(14, dtype=np.float32),
+        "observation.images.top": np.full((480, 640, 3), 7, np.uint8),
+        "task": "pick the cube",
+    }
+
+
+def test_quick_decode_takes_an_ordinary_observation() -> None:
+    request = Request.quick_from_msgpack(packb({**_ordinary_observation(), "__timeout_ms__": 500}))
+    assert request is not None and request.command is None and request.timeout_s == 0.5
+    assert request.fields["task"] == "pick the cube"
+    assert np.array_equal(request.fields["observation.state"], np.arange(14, dtype=np.float32))
+    assert request.fields["observation.images.top"].shape == (480, 640, 3)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        packb({"values": list(range(300))}),  # more values than the quick budget
+        packb({"image": np.zeros(5 * 2**20, np.uint8)}),  # more bytes than the quick budget
+        b"\x81\xa1a\xc1",  # broken: the decode thread names the problem
+    ],
+    ids=["many-values", "large", "broken"],
+)
+def test_quick_decode_leaves_costly_or_broken_messages_to_the_decode_threads(message: bytes) -> None:
+    assert Request.quick_from_msgpack(message) is None
+
+
+def test_quick_decode_leaves_compressed_images_to_the_decode_threads() -> None:
+    pytest.importorskip("simplejpeg")
+    compressed = compress_images(_ordinary_observation(), quality=90)
+    assert Request.quick_from_msgpack(packb(compressed)) is None
+
+
+def test_the_engine_decodes_on_the_loop_only_what_quick_decode_takes() -> None:
+    threads: list[str] = []
+
+    def decode(payload: bytes) -> Request:
+        threads.append(threading.current_thread().name)
+        return Request.from_map(unpackb(payload))
+
+    def quick(payload: bytes) -> Request | None:
+        request = Request.quick_from_msgpack(payload)
+        if request is not None:
+            threads.append(threading.current_thread().name)
+        return request
+
+    async def main() -> list[str]:
+        engine = Engine(EchoPolicy(action_dim=2))
+        session = engine.open_session()
+        try:
+            ordinary = await engine.handle(session, packb({"observation.state": np.zeros(2, np.float32)}), decode, quick_decode=quick)
+            many = await engine.handle(session, packb({"observation.state": np.zeros(2, np.float32), "extra": list(range(300))}), decode, quick_decode=quick)
+            broken = await engine.handle(session, b"\x81\xa1a\xc1", decode, quick_decode=quick)
+        finally:
+            await engine.aclose()
+        assert ordinary.failure is None and many.failure is None
+        assert broken.failure is not None and "0xc1" in broken.failure.message
+        return threads
+
+    loop_thread = threading.current_thread().name
+    threads = asyncio.run(main())
+    assert threads[0] == loop_thread
+    assert threads[1].startswith("policylink-decode") and threads[2].startswith("policylink-decode")

@@ -38,10 +38,13 @@ import numpy as np
 from .errors import ProtocolError
 from .limits import DEFAULT_LIMITS, MAX_DIMENSION, DecodeLimits
 
-__all__ = ["packb", "unpackb", "Packer", "CompressedImage", "IMAGE_FORMATS", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["packb", "unpackb", "quick_unpackb", "Packer", "CompressedImage", "IMAGE_FORMATS", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 #: Default largest message the server and client accept (bytes).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: :func:`quick_unpackb` decodes messages up to this size (bytes) and this many values.
+QUICK_MAX_BYTES = 4 * 1024 * 1024
+QUICK_MAX_VALUES = 256
 
 _NDARRAY = b"__ndarray__"
 _NPGENERIC = b"__npgeneric__"
@@ -50,6 +53,7 @@ _IMAGE = b"__image__"
 IMAGE_FORMATS = ("jpeg", "png")
 _REFUSED_KINDS = {"O": "object", "V": "void (structured)", "c": "complex"}
 _SCALAR_DATA_TYPES = (bool, int, float, str, bytes)
+_QUICK_LIMITS = dataclasses.replace(DEFAULT_LIMITS, max_elements=QUICK_MAX_VALUES)
 _MAX_DTYPE_CHARS = 16
 
 
@@ -248,6 +252,23 @@ def unpackb(data: bytes | bytearray | memoryview, limits: DecodeLimits | None = 
         raise ProtocolError("message nests deeper than msgpack can decode (1024 levels)") from None
     except (msgpack.ExtraData, msgpack.FormatError, ValueError, TypeError) as exc:
         raise ProtocolError(f"message is not valid msgpack: {exc}") from None
+
+
+def quick_unpackb(data: bytes | bytearray) -> Any | None:
+    """``data`` decoded when that is sure to be cheap; ``None`` when it may not be, or is not valid msgpack.
+
+    Cheap means at most :data:`QUICK_MAX_BYTES` bytes and
+    :data:`QUICK_MAX_VALUES` values (a camera frame is one value whatever its
+    size): such a message decodes in tens of microseconds, less than handing
+    it to a thread costs, so a server may decode it on its event loop. For
+    ``None``, :func:`unpackb` decodes it (on a thread) and names any problem.
+    """
+    if len(data) > QUICK_MAX_BYTES:
+        return None
+    try:
+        return unpackb(data, _QUICK_LIMITS)
+    except ProtocolError:
+        return None
 
 
 # -- the pass over the headers ------------------------------------------------

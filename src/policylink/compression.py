@@ -27,7 +27,7 @@ from .codec import IMAGE_FORMATS, CompressedImage
 from .errors import ProtocolError
 from .limits import DEFAULT_LIMITS, DecodeLimits
 
-__all__ = ["IMAGE_CODECS", "check_image_codec", "compress_images", "decompress_images", "decodable_formats"]
+__all__ = ["IMAGE_CODECS", "check_image_codec", "compress_images", "decompress_images", "decodable_formats", "has_images"]
 
 #: What a client may ask for: raw arrays (the default) or JPEG.
 IMAGE_CODECS = ("raw", "jpeg")
@@ -70,7 +70,7 @@ def decompress_images(fields: dict[str, Any], limits: DecodeLimits = DEFAULT_LIM
     image that is corrupt, of another format than it says, of another size
     than its declared shape, or past ``limits.max_image_pixels``.
     """
-    if not _has_images(fields):
+    if not has_images(fields):
         return fields
     return _decoded(fields, "", limits)
 
@@ -83,10 +83,11 @@ def decodable_formats() -> list[str]:
     return [name for name in IMAGE_FORMATS if available[name]]
 
 
-def _has_images(value: Any) -> bool:
+def has_images(value: Any) -> bool:
+    """Whether ``value`` (a decoded message, maps nested) holds a :class:`~policylink.codec.CompressedImage`."""
     if isinstance(value, CompressedImage):
         return True
-    return isinstance(value, dict) and any(_has_images(item) for item in value.values())
+    return isinstance(value, dict) and any(has_images(item) for item in value.values())
 
 
 def _decoded(value: Any, key: str, limits: DecodeLimits) -> Any:

@@ -1,8 +1,9 @@
 """The WebSocket transport of :class:`~policylink.client.PolicyClient`.
 
-Synchronous on purpose: a robot control loop calls ``infer`` and waits, and
-the background machinery (pings, reading frames) lives in the websockets
-library's own thread.
+Synchronous on purpose: a robot control loop calls ``infer`` and waits. The
+connection (:class:`~policylink.client.connection.BlockingConnection`) reads
+each reply in the calling thread; the WebSocket protocol itself is the
+``websockets`` library's.
 
 The transport offers the ``policylink.v1`` subprotocol. A policylink server
 accepts it and then sends errors as JSON with their kind, and honours the
@@ -13,7 +14,6 @@ transport then speaks plain openpi: errors are text, no extra keys are sent.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import ssl
@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import websockets
-from websockets.sync.client import ClientConnection, connect
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
 from ..errors import (
@@ -37,6 +36,7 @@ from ..errors import (
     Unauthorized,
     error_for_kind,
 )
+from .connection import BlockingConnection
 from .transport import ConnectionLost, check_request_size, client_tls_context
 
 __all__ = ["WebSocketTransport", "SUBPROTOCOL"]
@@ -49,9 +49,6 @@ _COMMAND_KEY = "__command__"
 _TIMEOUT_KEY = "__timeout_ms__"
 _MESSAGE_TOO_BIG = 1009
 _TRY_AGAIN_LATER = 1013
-# websockets >= 17 wants connect() in a ``with`` block unless ``legacy=True``;
-# older releases have no such flag. The connection outlives any one block here.
-_CONNECT_OPTIONS = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 
 
 class WebSocketTransport:
@@ -78,7 +75,7 @@ class WebSocketTransport:
         self.connect_timeout = connect_timeout
         self.max_message_bytes = max_message_bytes
         self.tls = client_tls_context(ca_file) if urlparse(url).scheme == "wss" else None
-        self._ws: ClientConnection | None = None
+        self._ws: BlockingConnection | None = None
         self._packer = Packer()
         self._owed_replies = 0
         self._policylink = False
@@ -122,17 +119,8 @@ class WebSocketTransport:
 
     def _connect_once(self, timeout: float) -> dict[str, Any]:
         headers = {"Authorization": f"Api-Key {self.api_key}"} if self.api_key else None
-        ws = connect(
-            self.url,
-            additional_headers=headers,
-            subprotocols=[SUBPROTOCOL],
-            ssl=self.tls,
-            compression=None,
-            max_size=self.max_message_bytes,
-            open_timeout=timeout,
-            ping_interval=20,
-            ping_timeout=20,
-            **_CONNECT_OPTIONS,
+        ws = BlockingConnection.open(
+            self.url, timeout=timeout, headers=headers, subprotocols=[SUBPROTOCOL], tls=self.tls, max_size=self.max_message_bytes
         )
         try:
             frame = ws.recv(timeout=timeout)
@@ -176,7 +164,7 @@ class WebSocketTransport:
         check_request_size(len(payload), self.max_message_bytes, self.metadata_frame)
         deadline = time.monotonic() + timeout
         try:
-            self._ws.send(payload)
+            self._ws.send(payload, timeout)
             while True:
                 frame = self._receive(deadline, timeout)
                 if self._owed_replies:

@@ -210,7 +210,8 @@ class TcpServer(ServesInBlock):
             decode, encode = _refuse_pickle, packer.pack
         else:
             decode, encode = _decode_msgpack, packer.pack
-        work = asyncio.ensure_future(self.engine.handle(session, payload, decode, encode))
+        quick = None if pickled else Request.quick_from_msgpack
+        work = asyncio.ensure_future(self.engine.handle(session, payload, decode, encode, quick_decode=quick))
         await asyncio.wait({work, reading}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():  # the reader hit the end of the stream: nobody will read the reply
             work.cancel()

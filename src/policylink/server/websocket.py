@@ -165,7 +165,7 @@ class WebSocketServer(ServesInBlock):
         try:
             await ws.send(packer.pack(self.engine.metadata_frame(session)))
             async for message in ws:
-                outcome = await _unless_closed(closed, self.engine.handle(session, message, _decode, packer.pack))
+                outcome = await _unless_closed(closed, self.engine.handle(session, message, _decode, packer.pack, quick_decode=Request.quick_from_msgpack))
                 if outcome is None:  # the client left while its request was worked on: dropped
                     break
                 await ws.send(outcome.body if outcome.failure is None else _error_text(outcome.failure, structured))
