@@ -11,6 +11,7 @@ from typing import Any
 
 from ..allocator import tune_allocator
 from ..policies.builtin import BUILTIN_POLICIES, make_builtin_policy
+from ..rayserve.run import add_ray_flags
 from ..rtc.request import SCHEDULES, RTCSupport
 from ..server.auth import API_KEY_ENV
 from ..server.connections import DEFAULT_MAX_CONNECTIONS
@@ -28,6 +29,9 @@ Choose the policy with --policy.path (a LeRobot checkpoint directory; needs
 the [server] extra) or --policy.type (a built-in policy, no checkpoint). With
 neither, the server starts idle and each client chooses the model with a
 configure request (limit which checkpoints with --model-root).
+
+Scale out: --ray serves the policy from several replicas (GPUs, machines) on
+Ray Serve behind this one port (see docs/scale-out.md).
 
 Security: --api-key-file (or $POLICYLINK_API_KEY) locks every port with one
 key; --tls-cert/--tls-key make the WebSocket port wss:// and the gRPC port
@@ -54,6 +58,7 @@ def add_parser(subparsers: Any) -> None:
                         help=f"WebSocket + TCP connections at once; more are refused as busy (default: {DEFAULT_MAX_CONNECTIONS})")
     limits.add_argument("--read-timeout", type=float, default=10.0, metavar="S", help="TCP: close a connection silent this long inside a frame (default: 10)")
     limits.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="TCP: close a connection silent this long between requests (default: 300)")
+    add_ray_flags(parser)
     parser.add_argument("--malloc-tuning", action="store_true",
                         help="raise glibc's mmap/trim thresholds so that message buffers are reused instead of mapped and unmapped "
                              "per message (policylink.allocator; measured in BENCHMARKS.md, round trip: no gain on our test machine)")
@@ -297,6 +302,10 @@ def run(args: argparse.Namespace) -> int:
     from ..server.websocket import WebSocketServer
 
     check_protocol_flags(args)
+    if args.ray:
+        from ..rayserve import run as run_on_ray
+
+        return run_on_ray(args)
     if args.malloc_tuning and not tune_allocator():
         print("policylink: --malloc-tuning: this C library has no mallopt (not glibc); allocator left as it is", flush=True)
     policy = policy_from_args(args)

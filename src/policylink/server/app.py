@@ -61,7 +61,7 @@ async def run_servers(
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(signum, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread / not supported
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (uvloop: ValueError) / not supported
             pass
     started: list[ProtocolServer] = []
     try:
@@ -79,5 +79,5 @@ async def run_servers(
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.remove_signal_handler(signum)
-            except (NotImplementedError, RuntimeError):
+            except (NotImplementedError, RuntimeError, ValueError):
                 pass

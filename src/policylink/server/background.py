@@ -40,6 +40,11 @@ class BackgroundServer:
     def port(self) -> int:
         return self.ws.port
 
+    @property
+    def running(self) -> bool:
+        """Whether the server's thread still runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> BackgroundServer:
         self._thread = threading.Thread(target=self._run, name="policylink-server", daemon=True)
         self._thread.start()

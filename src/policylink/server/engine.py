@@ -530,6 +530,16 @@ class Engine:
         logger.info("%s configured %s (%s, %s)", session.client_id, shorten(model.key, 120), request.get("device") or "auto", request.get("dtype") or "float32")
         return model.metadata
 
+    def preload(self, request: Mapping[str, Any]) -> None:
+        """Blocking: load the checkpoint a configure request names into the model cache, for clients to come.
+
+        It stays cached (shared by every client that configures it) until
+        evicted. Checked like a configure request (``--model-root``).
+        """
+        if self.loader is None:
+            raise RequestError("this server cannot load models on request (started without a model loader)")
+        self.models.release(self._acquire(self._checked_configure(request)))
+
     def _release_orphan(self, pending: asyncio.Future) -> None:
         """A configure whose client left while it loaded: give its reference back."""
         if not pending.cancelled() and pending.exception() is None:
