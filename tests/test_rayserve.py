@@ -77,13 +77,6 @@ def connect_and_see_replica(door: BackgroundFrontDoor, **options: Any) -> tuple[
     return client, grown[0]
 
 
-def kill_replica(replica: str) -> None:
-    names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-             if actor["namespace"] == "serve" and actor["name"].endswith(f"#{replica}")]
-    assert len(names) == 1, names
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-
-
 def test_clients_on_a_killed_replica_recover_and_the_others_see_no_error(local_ray: Path) -> None:
     cluster = RayCluster(serve_args("--policy.type", "constant", "--policy.action_dim", "4", "--policy.value", "0.25"),
                          ScaleOptions(replicas=2, cpus_per_replica=0.5))
@@ -101,7 +94,7 @@ def test_clients_on_a_killed_replica_recover_and_the_others_see_no_error(local_r
         victim = placed[0][1]
         survivors = [client for client, replica in placed if replica != victim]
         victims = [client for client, replica in placed if replica == victim]
-        kill_replica(victim)
+        cluster.kill_replica(victim)
         wait_until(lambda: victim not in door.relayed(), "the killed replica's connections to drop", timeout=30)
         for client in survivors:  # unaffected: the same connection, no reconnect, no error
             assert np.allclose(client.infer(STATE)["actions"], 0.25)

@@ -187,12 +187,23 @@ class RayCluster:
 
         return await self._directory.snapshot.remote(3 * HEARTBEAT_S)
 
-    def replica_actor_names(self) -> list[str]:
-        """Ray actor names of the running replicas (namespace ``serve``), e.g. to kill one in a test."""
+    def kill_replica(self, replica: str) -> None:
+        """Kill one replica's actor, as a crash would (for tests and failure drills); Serve starts a new one."""
         import ray
 
-        return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
-                if actor["namespace"] == "serve" and actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}")]
+        names = [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+                 if actor["namespace"] == "serve" and actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#") and actor["name"].endswith(f"#{replica}")]
+        if len(names) != 1:
+            raise LookupError(f"no single running replica {replica!r}: {names}")
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """Blocking variant of :meth:`replicas`."""
+        import ray
+
+        from .replica import HEARTBEAT_S
+
+        return ray.get(self._directory.snapshot.remote(3 * HEARTBEAT_S))
 
     def shutdown(self) -> None:
         from ray import serve
