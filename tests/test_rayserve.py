@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from policylink import PolicyClient  # noqa: E402
 from policylink.cli import build_parser  # noqa: E402
 from policylink.client.connection import BlockingConnection  # noqa: E402
 from policylink.codec import unpackb  # noqa: E402
+from policylink.errors import Unauthorized  # noqa: E402
 from policylink.rayserve.background import BackgroundFrontDoor  # noqa: E402
 from policylink.rayserve.cluster import RayCluster, ScaleOptions, start_local_ray  # noqa: E402
 
@@ -46,11 +50,11 @@ pytestmark = pytest.mark.timeout(300)
 STATE = {"observation.state": np.zeros(4, np.float32)}
 
 
-def serve_args(*flags: str) -> dict[str, Any]:
+def serve_args(*flags: str, api_key: str | None = None) -> dict[str, Any]:
     """The settings ``policylink serve FLAGS`` would give each replica."""
     args = build_parser().parse_args(["serve", *flags])
     values = {name: value for name, value in vars(args).items() if name != "func"}
-    values["resolved_api_key"] = None
+    values["resolved_api_key"] = api_key
     return values
 
 
@@ -126,18 +130,38 @@ def test_configure_loads_each_checkpoint_once_per_replica(local_ray: Path, act_d
 
 
 def test_a_checkpoint_named_at_the_handshake_is_loaded_by_the_replica_serve_picks(local_ray: Path, act_dir: Path) -> None:  # noqa: F811
-    cluster = RayCluster(serve_args(), ScaleOptions(replicas=2, cpus_per_replica=0.5))
+    cluster = RayCluster(serve_args(api_key="sesame"), ScaleOptions(replicas=2, cpus_per_replica=0.5))
     cluster.deploy()
-    header = {"serve_multiplexed_model_id": str(act_dir)}  # Serve's multiplexing header; ?model= works too
-    with BackgroundFrontDoor(cluster) as door:
+    key = {"Authorization": "Api-Key sesame"}
+    header = {"serve_multiplexed_model_id": str(act_dir), **key}  # Serve's multiplexing header; ?model= works too
+    with BackgroundFrontDoor(cluster, api_key="sesame") as door:
         first, home = _raw_connection(door, header)
         health = asyncio.run(_fresh_health(cluster, {home}))
         assert health[home]["models_loaded"] == 1 and health[home]["models"] == [str(act_dir)]
-        second, where = _raw_connection(door, header, query=f"?model={act_dir}")
+        second, where = _raw_connection(door, key, query=f"?model={act_dir}")
         health = asyncio.run(_fresh_health(cluster, {where}))
         assert health[where]["models_loaded"] == 1  # loaded there once, whichever replica Serve chose
         for connection in (first, second):
             connection.close()
+
+        # The API key guards the replicas and the front door's own pages alike.
+        with pytest.raises(Unauthorized):
+            PolicyClient(door.url, connect_timeout=10)
+        assert "replica_health" not in _get_json(door, "/healthz")
+        assert _get_json(door, "/healthz", key)["replicas"] == 2
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _get_json(door, "/metrics")
+        assert refused.value.code == 401
+        request = urllib.request.Request(f"http://127.0.0.1:{door.port}/metrics", headers=key)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            metrics = response.read().decode()
+        assert metrics.count("policylink_models_loaded{replica=") == 2
+
+
+def _get_json(door: BackgroundFrontDoor, path: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{door.port}{path}", headers=headers or {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
 
 
 async def _fresh_health(cluster: RayCluster, replicas: set[str]) -> dict[str, dict[str, Any]]:
@@ -152,7 +176,7 @@ async def _fresh_health(cluster: RayCluster, replicas: set[str]) -> dict[str, di
 
 def _raw_connection(door: BackgroundFrontDoor, headers: dict[str, str], query: str = "") -> tuple[BlockingConnection, str]:
     before = door.relayed()
-    connection = BlockingConnection.open(door.url + "/" + query, timeout=60, headers=headers if not query else {})
+    connection = BlockingConnection.open(door.url + "/" + query, timeout=60, headers=headers)
     assert unpackb(connection.recv(timeout=30))["status"] == "idle"
     grown = [replica for replica, count in door.relayed().items() if count > before.get(replica, 0)]
     assert len(grown) == 1
@@ -181,8 +205,6 @@ def test_the_command_serves_replicas_on_loopback_only_and_stops_on_sigterm() -> 
             assert client.infer(STATE)["actions"].shape == (16, 4)
         openpi = WebsocketClientPolicy(host="127.0.0.1", port=port)
         assert openpi.infer(STATE)["actions"].shape == (16, 4)
-
-        import urllib.request
 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
             metrics = response.read().decode()
@@ -213,3 +235,33 @@ def test_the_command_serves_replicas_on_loopback_only_and_stops_on_sigterm() -> 
     assert "server stopped" in output
     wait_until(lambda: not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE],
                "Ray's processes to exit with the command", timeout=30)
+
+
+# -- the command's options (no Ray needed) -------------------------------------
+
+
+def test_scale_options_become_serve_deployment_options() -> None:
+    fixed = ScaleOptions(replicas=3, gpus_per_replica=0.5, max_clients_per_replica=16).deployment_options()
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert fixed["max_ongoing_requests"] == 16  # each open connection holds one slot
+    scaling = ScaleOptions(min_replicas=0, max_replicas=4, target_clients=2).deployment_options()
+    assert "num_replicas" not in scaling
+    assert scaling["autoscaling_config"] == {"min_replicas": 0, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas <= --max-replicas"),
+        (["--min-replicas", "1"], "needs both --min-replicas and --max-replicas"),
+        (["--replicas", "0"], "--replicas must be at least 1"),
+        (["--grpc-port", "9000"], "--grpc-port: not available with --ray"),
+        (["--replica-gpus", "-1"], "cannot be negative"),
+    ],
+)
+def test_bad_ray_flags_are_refused_before_ray_starts(flags: list[str], message: str) -> None:
+    result = subprocess.run([*POLICYLINK, "serve", "--ray", "--policy.type", "constant", *flags], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Ray" not in result.stdout  # refused before anything started

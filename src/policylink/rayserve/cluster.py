@@ -42,7 +42,7 @@ class ScaleOptions:
 
     #: Replicas when not autoscaling.
     replicas: int = 1
-    #: Autoscaling bounds; autoscaling is on when ``max_replicas`` > ``min_replicas``.
+    #: Autoscaling bounds; autoscaling is on when they are given.
     min_replicas: int | None = None
     max_replicas: int | None = None
     #: Autoscaling target: open client connections per replica.
@@ -57,10 +57,12 @@ class ScaleOptions:
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError("--replicas must be at least 1")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("autoscaling needs both --min-replicas and --max-replicas")
         if self.autoscaling:
             assert self.min_replicas is not None and self.max_replicas is not None
-            if not 0 <= self.min_replicas < self.max_replicas:
-                raise ValueError(f"need 0 <= --min-replicas < --max-replicas, got {self.min_replicas} and {self.max_replicas}")
+            if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+                raise ValueError(f"need 0 <= --min-replicas <= --max-replicas and --max-replicas >= 1, got {self.min_replicas} and {self.max_replicas}")
         if self.max_clients_per_replica < 1 or self.target_clients <= 0:
             raise ValueError("--max-clients-per-replica must be at least 1 and --target-clients above 0")
         if self.cpus_per_replica < 0 or self.gpus_per_replica < 0:
@@ -68,7 +70,7 @@ class ScaleOptions:
 
     @property
     def autoscaling(self) -> bool:
-        return self.max_replicas is not None and self.max_replicas > (self.min_replicas or 0)
+        return self.max_replicas is not None
 
     def deployment_options(self) -> dict[str, Any]:
         """Ray Serve deployment options for these settings."""

@@ -55,8 +55,6 @@ def check_ray_flags(args: argparse.Namespace) -> None:
     given = [flag for name, flag in _UNSUPPORTED.items() if getattr(args, name, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: not available with --ray yet; replicas serve the WebSocket protocol through one front door")
-    if (args.min_replicas is None) != (args.max_replicas is None):
-        raise ValueError("autoscaling needs both --min-replicas and --max-replicas")
 
 
 def run(args: argparse.Namespace) -> int:
