@@ -32,7 +32,7 @@ $(VENV)/.client: pyproject.toml $(VENV)/bin/python
 # openpi-client pins numpy<2 while lerobot's stack needs numpy 2; its code runs
 # unchanged on numpy 2, so it is installed without its pins (its two other needs by hand).
 $(VENV)/.dev: pyproject.toml $(VENV)/bin/python
-	$(PIP) install $(PIP_FLAGS) -e ".[server,grpc,test,monitor,sim,vla,robot,jpeg,ray]"
+	$(PIP) install $(PIP_FLAGS) -e ".[server,grpc,test,monitor,sim,vla,robot,jpeg,ray,config]"
 	$(PIP) install $(PIP_FLAGS) --no-deps "openpi-client==0.1.2"
 	$(PIP) install $(PIP_FLAGS) "dm-tree>=0.1.8" "pillow>=9"
 	# The monitor page is tested in Debian's Chromium (no browser download); CI runs as root.

@@ -7,15 +7,19 @@ flags follow the field's dotted style (``--policy.path``, ``--policy.type``).
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
+import json
 import logging
 import re
 import sys
 
+from .config import CONFIGURABLE, apply_config, effective_config
+
 __all__ = ["main", "build_parser"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMANDS = ("serve", "infer", "run", "demo", "inspect", "eval", "export")
+COMMANDS = ("serve", "infer", "run", "demo", "inspect", "eval", "export", "status")
 
 DESCRIPTION = """\
 policylink: remote inference for learned robot policies.
@@ -34,6 +38,8 @@ examples:
   policylink inspect CHECKPOINT_DIR                     what a LeRobot checkpoint expects and returns
   policylink eval --env pusht --policy.type random      run episodes in a simulator, print success rate
   policylink export out/SESSION out/dataset             a recorded session as a LeRobot dataset
+  policylink status ws://HOST:8000                      a server's health, models, clients and latency
+  policylink serve --config server.yaml                 every flag from a YAML file (POLICYLINK_* variables too)
 """
 
 
@@ -57,17 +63,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="policylink", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="logging verbosity (default: info)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="logging verbosity; per-request lines are at debug (default: info)")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"], help="log lines as text or as one JSON object each (default: text)")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
     return parser
 
 
+def configure_logging(level: str, form: str = "text") -> None:
+    """Root logging at ``level``; the websockets library's per-connection lines only at debug (ours say more)."""
+    handler = logging.StreamHandler()
+    if form == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    if level != "debug":
+        logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (ISO 8601, UTC), level, logger, message, and the traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def _after_command(argv: list[str], command: str) -> list[str]:
+    """The arguments after the command name (the global options before it take a value each)."""
+    index = 0
+    while index < len(argv) and argv[index] != command:
+        index += 1 if "=" in argv[index] or not argv[index].startswith("--") else 2
+    return argv[index + 1:]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
     try:
+        if args.command in CONFIGURABLE:
+            command_parser = _subparsers(parser)[args.command]
+            apply_config(args, command_parser, _after_command(argv, args.command))
+            if args.print_config:
+                print(effective_config(args, command_parser), end="")
+                return 0
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ._watch import Watchers, add_watch_flags
-from .run import add_image_codec_flags, add_rtc_flags, check_rtc_flags
+from .config import add_config_flags
+from .run import add_image_codec_flags, add_rtc_flags, check_rtc_flags, quiet_local_server
 from .serve import add_policy_flags
 
 HELP = """\
@@ -47,6 +48,7 @@ def add_parser(subparsers: Any) -> None:
         "eval", help="evaluate a policy in simulation (PushT, ALOHA, SO-100)", description=HELP, epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_config_flags(parser)
     parser.add_argument("--server", default=None, help="policy server URL (ws://host:port); default: start a local one")
     parser.add_argument("--env", default="pusht", choices=[*SIM_ENVS, *ALIASES], help="simulator (default: pusht)")
     parser.add_argument("--episodes", type=int, default=10, help="episodes to run (default: 10)")
@@ -151,6 +153,7 @@ class _server:
             engine = Engine(None, loader=loader)  # idle: every client configures it
         else:
             raise ValueError("nothing to evaluate: give --server URL, --policy.path DIR or --policy.type NAME")
+        quiet_local_server()
         self.background = BackgroundServer(engine, host="127.0.0.1", port=0).start()
         return self.background.url
 

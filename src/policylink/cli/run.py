@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import contextlib
 import os
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..runtime.merging import MERGE_RULES
+from .config import add_config_flags
 
 HELP = """\
 Run a policy on an environment: a control loop at --fps pops one action per
@@ -40,6 +42,7 @@ def add_parser(subparsers: Any) -> None:
         "run", help="drive an environment (fake, replay, robot) with a policy at a fixed rate",
         description=HELP, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_config_flags(parser)
     parser.add_argument("--server", default=None, help="policy server URL, ws://host:port (default: start a local server with --policy.type)")
     parser.add_argument("--api-key", default=os.environ.get("POLICYLINK_API_KEY"), help="API key the server requires (default: $POLICYLINK_API_KEY)")
     parser.add_argument("--ca-file", default=None, metavar="PEM", help="wss:// or grpcs://: the CA certificate that signed the server's (default: the system's roots)")
@@ -326,8 +329,15 @@ def _server(args: argparse.Namespace, env: Any) -> Iterator[str]:
         if not args.cameras and env.camera_names:
             sizes = _camera_sizes(env)
             args.cameras = ",".join(f"{name}={height}x{width}" for name, (height, width) in sizes.items())
+    quiet_local_server()
     with BackgroundServer(policy_from_args(args), host="127.0.0.1", api_key=args.api_key) as server:
         yield server.url
+
+
+def quiet_local_server() -> None:
+    """A server started for this command logs only warnings (unless --log-level debug): the live status line stays readable."""
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logging.getLogger("policylink.server").setLevel(logging.WARNING)
 
 
 def _camera_sizes(env: Any) -> dict[str, tuple[int, int]]:

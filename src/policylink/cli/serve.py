@@ -16,6 +16,7 @@ from ..rtc.request import SCHEDULES, RTCSupport
 from ..server.auth import API_KEY_ENV
 from ..server.connections import DEFAULT_MAX_CONNECTIONS
 from ..types import Policy
+from .config import add_config_flags
 
 logger = logging.getLogger("policylink.server")
 
@@ -41,6 +42,7 @@ grpcs://. See docs/protocol.md and docs/protocols.md.
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("serve", help="serve a policy to remote clients", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser)
     add_policy_flags(parser)
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
     parser.add_argument("--ws-port", "--port", dest="port", type=int, default=8000, help="WebSocket port (default: 8000; --port is an alias)")
@@ -59,6 +61,11 @@ def add_parser(subparsers: Any) -> None:
     limits.add_argument("--read-timeout", type=float, default=10.0, metavar="S", help="TCP: close a connection silent this long inside a frame (default: 10)")
     limits.add_argument("--idle-timeout", type=float, default=300.0, metavar="S", help="TCP: close a connection silent this long between requests (default: 300)")
     add_ray_flags(parser)
+    operations = parser.add_argument_group("operations (docs/deploy.md)")
+    operations.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                            help="on SIGTERM / Ctrl+C: stop accepting, let running requests finish for up to S seconds, then close (default: 30)")
+    operations.add_argument("--summary-every", type=float, default=60.0, metavar="S",
+                            help="log one summary line (clients, requests, errors, latency) every S seconds; 0 turns it off (default: 60)")
     parser.add_argument("--malloc-tuning", action="store_true",
                         help="raise glibc's mmap/trim thresholds so that message buffers are reused instead of mapped and unmapped "
                              "per message (policylink.allocator; measured in BENCHMARKS.md, round trip: no gain on our test machine)")
@@ -268,8 +275,15 @@ def loader_options(rtc: RTCSupport | None = RTCSupport(), compile: str | None = 
     return {"loader": functools.partial(backend.load_from_request, rtc=rtc, compile=compile), "resolve_device": backend.resolve_device, "estimate_bytes": backend.estimate_checkpoint_bytes}
 
 
-def engine_from_args(args: argparse.Namespace, policy: Policy | None) -> Any:
-    """The engine the serve flags describe (call :func:`check_protocol_flags` first)."""
+def policy_request_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The configure request that names the served checkpoint (so clients configuring it share the model)."""
+    if not args.policy_path:
+        return None
+    return {"policy_path": args.policy_path, "device": args.device, "dtype": args.dtype, "rename_map": args.policy_rename_map}
+
+
+def engine_from_args(args: argparse.Namespace, policy: Policy | None, *, warming: bool = False) -> Any:
+    """The engine the serve flags describe (call :func:`check_protocol_flags` first); ``warming``: the policy comes later."""
     from ..server.auth import resolve_api_key
     from ..server.engine import Engine
 
@@ -279,13 +293,13 @@ def engine_from_args(args: argparse.Namespace, policy: Policy | None) -> Any:
         if not os.path.isdir(root):
             raise ValueError(f"--model-root {root!r} is not a directory")
     budget = int(args.model_memory_gb * 2**30) if args.model_memory_gb else None
-    request = {"policy_path": args.policy_path, "device": args.device, "dtype": args.dtype, "rename_map": args.policy_rename_map} if args.policy_path else None
+    request = policy_request_from_args(args)
     if args.max_connections < 1:
         raise ValueError("--max-connections must be at least 1")
     return Engine(
         policy, max_models=args.max_models, memory_budget_bytes=budget, batching=batch_options_from_args(args),
         policy_request=request, model_roots=args.model_root, api_key=resolve_api_key(args.api_key, args.api_key_file),
-        max_connections=args.max_connections, **loader_options(rtc_support_from_args(args), args.compile),
+        max_connections=args.max_connections, warming=warming, **loader_options(rtc_support_from_args(args), args.compile),
     )
 
 
@@ -308,8 +322,14 @@ def run(args: argparse.Namespace) -> int:
         return run_on_ray(args)
     if args.malloc_tuning and not tune_allocator():
         print("policylink: --malloc-tuning: this C library has no mallopt (not glibc); allocator left as it is", flush=True)
-    policy = policy_from_args(args)
-    engine = engine_from_args(args, policy)
+    # A checkpoint loads after the ports open: /healthz answers meanwhile, /readyz once it is warmed.
+    loads_later = bool(args.policy_path) and not args.policy_type
+    policy = None if loads_later else policy_from_args(args)
+    engine = engine_from_args(args, policy, warming=loads_later)
+
+    def warm_up() -> None:
+        engine.install(policy_from_args(args), policy_request_from_args(args))
+
     ws = WebSocketServer(engine, args.host, args.port, max_message_bytes=max_message_bytes(args), tls_cert=args.tls_cert, tls_key=args.tls_key)
     if getattr(args, "metrics_port", None) is not None:
         engine.metrics.serve(args.metrics_port, args.host)
@@ -318,13 +338,17 @@ def run(args: argparse.Namespace) -> int:
     extra = protocol_servers(args, engine)
 
     def announce() -> None:
-        what = f"policy {policy.metadata.model_id}" if policy else "no model (idle: clients send a configure request)"
+        if loads_later:
+            what = f"{args.policy_path} (loading: /readyz answers 200 once it is warmed; clients connecting meanwhile wait)"
+        else:
+            what = f"policy {policy.metadata.model_id}" if policy else "no model (idle: clients send a configure request)"
         health = f"{'https' if ws.tls else 'http'}://{args.host}:{ws.port}/healthz"
         locked = "; every port needs the API key" if engine.auth.required else ""
         print(f"policylink: serving {what} on {ws.scheme}://{args.host}:{ws.port} (health: {health}){locked}; Ctrl+C to stop", flush=True)
         if extra:
             print("policylink: also serving " + ", ".join(describe_server(server) for server in extra), flush=True)
 
-    asyncio.run(run_servers(engine, [ws, *extra], on_ready=announce))
+    asyncio.run(run_servers(engine, [ws, *extra], on_ready=announce, warm_up=warm_up if loads_later else None,
+                            drain_s=args.drain_timeout, summary_s=args.summary_every or None))
     print("policylink: server stopped", flush=True)
     return 0

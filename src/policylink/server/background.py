@@ -20,10 +20,12 @@ class BackgroundServer:
     >>> with BackgroundServer(policy) as server:   # doctest: +SKIP
     ...     client = PolicyClient(server.url)
 
-    ``port=0`` picks a free port; ``server.url`` tells which.
+    ``port=0`` picks a free port; ``server.url`` tells which. ``stop()``
+    closes at once unless ``drain_s`` gives running requests time to finish.
     """
 
-    def __init__(self, policy: Policy | Engine | None = None, host: str = "127.0.0.1", port: int = 0, **ws_options: Any) -> None:
+    def __init__(self, policy: Policy | Engine | None = None, host: str = "127.0.0.1", port: int = 0, *, drain_s: float = 0.0, **ws_options: Any) -> None:
+        self.drain_s = drain_s
         self.engine = policy if isinstance(policy, Engine) else Engine(policy)
         self.ws = WebSocketServer(self.engine, host, port, **ws_options)
         self._thread: threading.Thread | None = None
@@ -57,7 +59,7 @@ class BackgroundServer:
         self._loop = asyncio.new_event_loop()
         self._stop = asyncio.Event()
         try:
-            self._loop.run_until_complete(run_servers(self.engine, [self.ws], on_ready=self._ready.set, stop=self._stop))
+            self._loop.run_until_complete(run_servers(self.engine, [self.ws], on_ready=self._ready.set, stop=self._stop, drain_s=self.drain_s))
         except BaseException as exc:  # surfaced to start()
             self._error = exc
         finally:

@@ -37,6 +37,7 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -327,6 +328,7 @@ class Engine:
         decode_workers: int | None = None,
         resolve_device: Callable[[str], str] | None = None,
         estimate_bytes: Callable[[Mapping[str, Any]], int] | None = None,
+        warming: bool = False,
     ) -> None:
         self._max_workers = max_workers
         self.batching = batching or BatchOptions()
@@ -338,10 +340,25 @@ class Engine:
         self.connections = ConnectionBudget(max_connections)
         self.models = ModelCache(max_models, memory_budget_bytes, close=self._close_evicted)
         self.default_model: ServedModel | None = None
+        #: Set once the served model is loaded and warmed (at once without ``warming``); clients wait for it.
+        self._ready = threading.Event()
+        self._ready_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._ready_lock = threading.Lock()
+        #: Requests being answered now (every protocol); a draining server waits for zero.
+        self.in_flight = 0
+        self._replying = 0  # requests taken by an adapter whose reply is not sent yet
+        self._idle: asyncio.Event | None = None
+        #: Set by :meth:`drain`: new requests are refused while the running ones finish.
+        self.draining = False
+        # For the periodic summary: answered requests' durations and refusals since the last one.
+        self._window_started = time.monotonic()
+        self._window_totals: list[float] = []
+        self._window_errors = 0
+        self._answered = 0
         if policy is not None:
-            self.default_model = ServedModel(policy, max_workers=max_workers, batching=self.batching)
-            key = model_key(policy_request) if policy_request else ("", "builtin", "", policy.metadata.model_id)
-            self.models.pin(key, self.default_model)
+            self.install(policy, policy_request)
+        elif not warming:
+            self._ready.set()
         #: Compressed image formats requests may carry (announced in the metadata; none without a JPEG decoder).
         self.image_codecs = decodable_formats()
         self._decoder = concurrent.futures.ThreadPoolExecutor(decode_workers or min(4, os.cpu_count() or 2), thread_name_prefix="policylink-decode")
@@ -371,6 +388,17 @@ class Engine:
         self.models.release(session.model)
         logger.info("%s disconnected after %d requests (%d errors)", session.client_id, session.requests, session.errors)
 
+    def summary(self) -> str:
+        """One line on the time since the last summary: clients, requests, errors, latency (then starts a new window)."""
+        seconds = time.monotonic() - self._window_started
+        totals = sorted(self._window_totals)
+        line = f"summary: {len(self.sessions)} client(s), {len(totals)} request(s) in the last {seconds:.0f} s, {self._window_errors} refused"
+        if totals:
+            line += f", p50 {totals[len(totals) // 2] * 1e3:.1f} ms, p99 {totals[min(len(totals) - 1, int(len(totals) * 0.99))] * 1e3:.1f} ms"
+        line += f"; {self._answered} answered since start"
+        self._window_started, self._window_totals, self._window_errors = time.monotonic(), [], 0
+        return line
+
     def metadata_frame(self, session: ClientSession) -> dict[str, Any]:
         """The first message a client receives: the policy metadata, or an idle notice.
 
@@ -382,9 +410,51 @@ class Engine:
             return {"status": "idle", "model_id": None, "message": "no model loaded; send a configure request", **server}
         return {"status": "ready", **session.model.metadata.to_dict(), **server}
 
+    def install(self, policy: Policy, policy_request: Mapping[str, Any] | None = None) -> None:
+        """Serve ``policy`` to every client from now on (a warming server becomes ready)."""
+        self.default_model = ServedModel(policy, max_workers=self._max_workers, batching=self.batching)
+        key = model_key(policy_request) if policy_request else ("", "builtin", "", policy.metadata.model_id)
+        self.models.pin(key, self.default_model)
+        with self._ready_lock:
+            self._ready.set()
+            waiters, self._ready_waiters = self._ready_waiters, []
+        for loop, waiter in waiters:  # install may run on any thread
+            loop.call_soon_threadsafe(_set_result, waiter)
+        logger.info("ready: serving %s", policy.metadata.model_id)
+
     @property
     def ready(self) -> bool:
-        return self.default_model is not None
+        """Whether a model is served to new clients (loaded and warmed); ``False`` for an idle server or while draining."""
+        return self.default_model is not None and self._ready.is_set() and not self.draining
+
+    @property
+    def accepting(self) -> bool:
+        """Readiness (``/readyz``): warm-up is over (an idle server is ready for configure requests) and not draining."""
+        return self._ready.is_set() and not self.draining
+
+    async def wait_ready(self) -> None:
+        """Return once the served model is loaded (at once on a ready server): new connections wait here during warm-up."""
+        if self._ready.is_set():
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        with self._ready_lock:
+            if self._ready.is_set():
+                return
+            self._ready_waiters.append((loop, waiter))
+        await waiter
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait up to ``timeout_s`` for the running ones; ``True`` if none is left."""
+        self.draining = True
+        if self.in_flight or self._replying:
+            self._idle = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+            except TimeoutError:
+                logger.warning("drain: %d request(s) still running after %.0f s; closing anyway", self.in_flight, timeout_s)
+                return False
+        return True
 
     def loaded_model_ids(self) -> list[str]:
         return [model.metadata.model_id for model in self.models.models()]
@@ -413,7 +483,34 @@ class Engine:
         """
         received = time.perf_counter()
         protocol = session.protocol
+        if self.draining:
+            return Outcome(failure=self.refuse(session, ServerBusy("server shutting down: it finishes running requests and takes no new ones; reconnect")))
+        self.in_flight += 1
         try:
+            return await self._handle(session, payload, decode, encode, deadline, quick_decode, received, protocol)
+        finally:
+            self.in_flight -= 1
+            self._signal_if_idle()
+
+    def begin(self) -> None:
+        """An adapter took a request whose reply it will send: a draining server waits for :meth:`end`."""
+        self._replying += 1
+
+    def end(self) -> None:
+        self._replying -= 1
+        self._signal_if_idle()
+
+    def _signal_if_idle(self) -> None:
+        if not self.in_flight and not self._replying and self._idle is not None:
+            self._idle.set()
+
+    async def _handle(self, session: ClientSession, payload: Any, decode: Callable[[Any], Request], encode: Callable[[dict[str, Any]], Any] | None,
+                      deadline: float | None, quick_decode: Callable[[Any], Request | None] | None, received: float, protocol: str) -> Outcome:
+        try:
+            await self.wait_ready()
+            if session.model is None and self.default_model is not None:  # opened during warm-up (gRPC, LeRobot's protocol)
+                session.attach(self.default_model)
+                self.models.retain(self.default_model)
             request, decode_ms = await self._decode(decode, payload, quick_decode)
             if request.timeout_s is not None:
                 own = received + request.timeout_s
@@ -425,6 +522,9 @@ class Engine:
         except Exception as exc:
             return Outcome(failure=self.refuse(session, exc))
         total_s = time.perf_counter() - received
+        self._answered += 1
+        if len(self._window_totals) < 100_000:
+            self._window_totals.append(total_s)
         if request.command is None:
             session.prev_total_ms = total_s * 1e3
         self.metrics.request_done(protocol, reply, total_s)
@@ -452,6 +552,7 @@ class Engine:
             logger.error("%s: request failed", session.client_id, exc_info=exc)
         message = shorten(message, MAX_MESSAGE_CHARS)
         session.errors += 1
+        self._window_errors += 1
         self.metrics.request_failed(session.protocol, kind)
         logger.warning("%s: request #%d refused (%s): %s", session.client_id, session.requests, kind.value, message)
         return Failure(kind, message)
@@ -620,6 +721,11 @@ class Engine:
         for model in self.models.clear():
             model.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
+
+
+def _set_result(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _timed_decode(decode: Callable[[Any], Any], payload: Any) -> tuple[Any, float]:

@@ -141,6 +141,11 @@ class TcpServer(ServesInBlock):
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("TCP server listening on tcp://%s:%d%s", self.host, self.port, " (pickle admitted)" if self.trust_pickle else "")
 
+    async def stop_accepting(self) -> None:
+        """Stop listening; open connections stay (a draining server finishes their requests)."""
+        if self._server is not None:
+            self._server.close()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -156,6 +161,11 @@ class TcpServer(ServesInBlock):
             await self._send_and_close(writer, packer.pack({"error": self.engine.connections.refusal(), "kind": ErrorKind.BUSY.value}))
             return
         peer = writer.get_extra_info("peername")
+        try:
+            await self.engine.wait_ready()  # during warm-up the client waits for its metadata frame
+        except BaseException:
+            self.engine.connections.close()
+            raise
         session = self.engine.open_session("%s:%s" % peer[:2] if peer else "", "tcp", self.max_frame_bytes)
         frames: asyncio.Queue[bytearray | BaseException | None] = asyncio.Queue(maxsize=1)
         reading = asyncio.ensure_future(self._read_frames(reader, frames))
@@ -179,10 +189,14 @@ class TcpServer(ServesInBlock):
                     if not authorized:
                         break
                     continue
-                body = await self._answer(session, item, reading, packer)
-                if body is None:  # the client went away while its request was worked on: dropped
-                    break
-                await self._send(writer, body)
+                self.engine.begin()  # until the reply is sent: a draining server waits for it
+                try:
+                    body = await self._answer(session, item, reading, packer)
+                    if body is None:  # the client went away while its request was worked on: dropped
+                        break
+                    await self._send(writer, body)
+                finally:
+                    self.engine.end()
         except (ConnectionError, OSError) as exc:
             logger.info("%s: connection lost: %s", session.client_id, exc)
         finally:

@@ -20,7 +20,9 @@ Everything past the framing (decoding, limits, inference, errors, timing,
 metrics) is the engine's one request path. With ``tls_cert``/``tls_key``
 the port speaks ``wss://``. ``GET /healthz`` says whether the server is
 ready (and, to callers with the API key or when none is set, its models and
-clients); ``GET /metrics`` serves the Prometheus metrics.
+clients); ``GET /readyz`` answers 200 once the model is loaded and warmed
+(503 during warm-up and while draining); ``GET /metrics`` serves the
+Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ class WebSocketServer(ServesInBlock):
         self.max_message_bytes = max_message_bytes
         self.tls = server_tls_context(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
         self._server: Server | None = None
+        self._listening = False
 
     @property
     def scheme(self) -> str:
@@ -115,11 +118,23 @@ class WebSocketServer(ServesInBlock):
             ping_timeout=20,  # a peer that stopped answering is dropped within 40 s
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._listening = True
         logger.info("WebSocket server listening on %s://%s:%d", self.scheme, self.host, self.port)
 
-    async def close(self) -> None:
+    async def stop_accepting(self) -> None:
+        """Stop listening; open connections stay (a draining server finishes their requests)."""
         if self._server is not None:
-            self._server.close()
+            self._server.close(close_connections=False)
+            self._listening = False
+
+    async def close(self) -> None:
+        """Close every connection (code 1001, going away) and the listener."""
+        if self._server is not None:
+            if self._listening:
+                self._server.close()
+            else:  # the listener is closed already; its close() would not run again for the connections
+                await asyncio.gather(*(connection.close(1001, "server shutting down") for connection in list(self._server.connections)),
+                                     return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
 
@@ -128,11 +143,12 @@ class WebSocketServer(ServesInBlock):
     def _process_request(self, connection: ServerConnection, request: HttpRequest) -> Response | None:
         path = request.path.split("?")[0]
         authorized = self.engine.auth.accepts_header(request.headers.get("Authorization"))
-        if path == "/healthz":
-            response = connection.respond(http.HTTPStatus.OK, json.dumps(self.health(detailed=authorized)) + "\n")
-            del response.headers["Content-Type"]
-            response.headers["Content-Type"] = "application/json"
-            return response
+        if path == "/healthz":  # liveness: the process answers
+            return _json_response(connection, http.HTTPStatus.OK, self.health(detailed=authorized))
+        if path == "/readyz":  # readiness: model loaded and warmed, not draining
+            state = "ready" if self.engine.accepting else ("draining" if self.engine.draining else "warming up")
+            status = http.HTTPStatus.OK if self.engine.accepting else http.HTTPStatus.SERVICE_UNAVAILABLE
+            return _json_response(connection, status, {"ready": self.engine.accepting, "state": state})
         if not authorized:
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key (send 'Authorization: Api-Key KEY')\n")
         if path == "/metrics":
@@ -146,7 +162,8 @@ class WebSocketServer(ServesInBlock):
         """``status`` and ``ready``; with ``detailed`` also clients, cache counters and model ids."""
         health: dict[str, Any] = {"status": "ok", "ready": self.engine.ready}
         if detailed:
-            health.update(clients=len(self.engine.sessions), **self.engine.models.stats(), models=self.engine.loaded_model_ids())
+            health.update(clients=len(self.engine.sessions), in_flight=self.engine.in_flight, **self.engine.models.stats(),
+                          models=self.engine.loaded_model_ids())
         return health
 
     # -- one connection ---------------------------------------------------
@@ -157,6 +174,11 @@ class WebSocketServer(ServesInBlock):
             await ws.close(_TRY_AGAIN_LATER, self.engine.connections.refusal()[:120])
             return
         peer = "%s:%s" % ws.remote_address[:2] if ws.remote_address else ""
+        try:
+            await self.engine.wait_ready()  # during warm-up a client waits here for the metadata frame
+        except BaseException:
+            self.engine.connections.close()
+            raise
         session = self.engine.open_session(peer, "websocket", self.max_message_bytes)
         packer = Packer()
         structured = ws.subprotocol == PROTOCOL_VERSION
@@ -165,10 +187,14 @@ class WebSocketServer(ServesInBlock):
         try:
             await ws.send(packer.pack(self.engine.metadata_frame(session)))
             async for message in ws:
-                outcome = await _unless_closed(closed, self.engine.handle(session, message, _decode, packer.pack, quick_decode=Request.quick_from_msgpack))
-                if outcome is None:  # the client left while its request was worked on: dropped
-                    break
-                await ws.send(outcome.body if outcome.failure is None else _error_text(outcome.failure, structured))
+                self.engine.begin()  # until the reply is sent: a draining server waits for it
+                try:
+                    outcome = await _unless_closed(closed, self.engine.handle(session, message, _decode, packer.pack, quick_decode=Request.quick_from_msgpack))
+                    if outcome is None:  # the client left while its request was worked on: dropped
+                        break
+                    await ws.send(outcome.body if outcome.failure is None else _error_text(outcome.failure, structured))
+                finally:
+                    self.engine.end()
         except websockets.ConnectionClosed as exc:
             if exc.sent is not None and exc.sent.code == _MESSAGE_TOO_BIG:
                 self.engine.refuse(session, ProtocolError(f"message over the {self.max_message_bytes}-byte limit: connection closed"))
@@ -178,6 +204,13 @@ class WebSocketServer(ServesInBlock):
             closed.cancel()
             self.engine.close_session(session)
             self.engine.connections.close()
+
+
+def _json_response(connection: ServerConnection, status: http.HTTPStatus, body: dict[str, Any]) -> Response:
+    response = connection.respond(status, json.dumps(body) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
