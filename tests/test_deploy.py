@@ -22,6 +22,7 @@ from policylink.server.background import BackgroundServer
 from policylink.server.engine import Engine
 
 from conftest import POLICYLINK, EchoPolicy, free_port, wait_healthy, wait_until
+from lerobot_checkpoints import act_dir  # noqa: F401
 
 CLEAN_ENV = {name: value for name, value in os.environ.items() if not name.startswith("POLICYLINK_")}
 
@@ -231,3 +232,27 @@ def test_json_logs_are_one_object_per_line() -> None:
     records = [json.loads(line) for line in errors.splitlines() if line.strip()]
     assert records and all({"time", "level", "logger", "message"} <= set(record) for record in records)
     assert any(record["message"].startswith("shutting down") for record in records)
+
+
+def test_preloaded_checkpoints_are_cached_before_the_server_is_ready(act_dir: Path) -> None:  # noqa: F811
+    port = free_port()
+    process = subprocess.Popen(
+        [*POLICYLINK, "serve", "--preload", str(act_dir), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=CLEAN_ENV,
+    )
+    try:
+        wait_healthy(port, process, timeout=180)
+        wait_until(lambda: _status(port, "/readyz")[0] == 200, "the preload to finish", timeout=180)
+        health = _status(port, "/healthz")[1]
+        assert health["models_loaded"] == 1 and health["models"]
+        with PolicyClient(f"ws://127.0.0.1:{port}") as client:
+            client.configure(str(act_dir), device="cpu")  # served from the cache: no second load
+        health = _status(port, "/healthz")[1]
+        assert health["models_loaded"] == 1 and health["model_cache_hits"] == 1
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0

@@ -70,6 +70,8 @@ def add_parser(subparsers: Any) -> None:
                         help="raise glibc's mmap/trim thresholds so that message buffers are reused instead of mapped and unmapped "
                              "per message (policylink.allocator; measured in BENCHMARKS.md, round trip: no gain on our test machine)")
     parser.add_argument("--metrics-port", type=int, default=None, help="also serve Prometheus metrics on this port (they are always at /metrics on the WebSocket port)")
+    parser.add_argument("--preload", action="append", default=[], metavar="CHECKPOINT",
+                        help="load this checkpoint into the model cache at start, for clients that configure it (repeatable; counts in --max-models)")
     parser.add_argument("--max-models", type=int, metavar="N", default=2, help="models kept loaded for configure requests; least recently used evicted (default: 2)")
     parser.add_argument("--model-memory-gb", type=float, metavar="GB", default=None, help="also evict when cached models' weights exceed this many GiB (default: no limit)")
     batching = parser.add_argument_group("batching across clients")
@@ -325,10 +327,17 @@ def run(args: argparse.Namespace) -> int:
     # A checkpoint loads after the ports open: /healthz answers meanwhile, /readyz once it is warmed.
     loads_later = bool(args.policy_path) and not args.policy_type
     policy = None if loads_later else policy_from_args(args)
-    engine = engine_from_args(args, policy, warming=loads_later)
+    engine = engine_from_args(args, policy, warming=loads_later or bool(args.preload))
+    if args.preload and engine.loader is None:
+        raise ValueError("--preload needs the server extra (LeRobot): pip install 'policylink[server]'")
 
     def warm_up() -> None:
-        engine.install(policy_from_args(args), policy_request_from_args(args))
+        if loads_later:
+            engine.install(policy_from_args(args), policy_request_from_args(args), ready=False)
+        for path in args.preload:
+            engine.preload({"policy_path": path, "device": args.device, "dtype": args.dtype})
+            logger.info("preloaded %s", path)
+        engine.set_ready()
 
     ws = WebSocketServer(engine, args.host, args.port, max_message_bytes=max_message_bytes(args), tls_cert=args.tls_cert, tls_key=args.tls_key)
     if getattr(args, "metrics_port", None) is not None:
@@ -339,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
 
     def announce() -> None:
         if loads_later:
-            what = f"{args.policy_path} (loading: /readyz answers 200 once it is warmed; clients connecting meanwhile wait)"
+            what = f"policy {args.policy_path} (loading: /readyz answers 200 once it is warmed; clients connecting meanwhile wait)"
         else:
             what = f"policy {policy.metadata.model_id}" if policy else "no model (idle: clients send a configure request)"
         health = f"{'https' if ws.tls else 'http'}://{args.host}:{ws.port}/healthz"
@@ -348,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         if extra:
             print("policylink: also serving " + ", ".join(describe_server(server) for server in extra), flush=True)
 
-    asyncio.run(run_servers(engine, [ws, *extra], on_ready=announce, warm_up=warm_up if loads_later else None,
+    asyncio.run(run_servers(engine, [ws, *extra], on_ready=announce, warm_up=warm_up if loads_later or args.preload else None,
                             drain_s=args.drain_timeout, summary_s=args.summary_every or None))
     print("policylink: server stopped", flush=True)
     return 0

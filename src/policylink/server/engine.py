@@ -356,7 +356,7 @@ class Engine:
         self._window_errors = 0
         self._answered = 0
         if policy is not None:
-            self.install(policy, policy_request)
+            self.install(policy, policy_request, ready=not warming)
         elif not warming:
             self._ready.set()
         #: Compressed image formats requests may carry (announced in the metadata; none without a JPEG decoder).
@@ -410,17 +410,23 @@ class Engine:
             return {"status": "idle", "model_id": None, "message": "no model loaded; send a configure request", **server}
         return {"status": "ready", **session.model.metadata.to_dict(), **server}
 
-    def install(self, policy: Policy, policy_request: Mapping[str, Any] | None = None) -> None:
-        """Serve ``policy`` to every client from now on (a warming server becomes ready)."""
+    def install(self, policy: Policy, policy_request: Mapping[str, Any] | None = None, *, ready: bool = True) -> None:
+        """Serve ``policy`` to every client from now on; a warming server becomes ready (unless ``ready=False``)."""
         self.default_model = ServedModel(policy, max_workers=self._max_workers, batching=self.batching)
         key = model_key(policy_request) if policy_request else ("", "builtin", "", policy.metadata.model_id)
         self.models.pin(key, self.default_model)
+        logger.info("serving %s", policy.metadata.model_id)
+        if ready:
+            self.set_ready()
+
+    def set_ready(self) -> None:
+        """Warm-up is over: clients waiting for their metadata frame get it (any thread)."""
         with self._ready_lock:
             self._ready.set()
             waiters, self._ready_waiters = self._ready_waiters, []
-        for loop, waiter in waiters:  # install may run on any thread
+        for loop, waiter in waiters:
             loop.call_soon_threadsafe(_set_result, waiter)
-        logger.info("ready: serving %s", policy.metadata.model_id)
+        logger.info("ready")
 
     @property
     def ready(self) -> bool:
