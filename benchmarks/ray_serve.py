@@ -48,6 +48,7 @@ from policylink import PolicyClient  # noqa: E402
 from policylink.cli import build_parser  # noqa: E402
 from policylink.rayserve.background import BackgroundFrontDoor  # noqa: E402
 from policylink.rayserve.cluster import RayCluster, ScaleOptions, start_local_ray  # noqa: E402
+from policylink.rayserve.run import replica_settings  # noqa: E402
 
 CLIENTS = 4
 IMAGE = (96, 128)
@@ -55,10 +56,7 @@ TARGET_EXTRA_MS, TARGET_SPEEDUP, TARGET_RECOVERY_S = 1.0, 1.8, 2.0
 
 
 def serve_args(*flags: str) -> dict:
-    args = build_parser().parse_args(["serve", *flags])
-    values = {name: value for name, value in vars(args).items() if name != "func"}
-    values["resolved_api_key"] = None
-    return values
+    return replica_settings(build_parser().parse_args(["serve", *flags]), None)
 
 
 def deployed(flags: tuple[str, ...], replicas: int) -> RayCluster:

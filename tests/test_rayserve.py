@@ -41,6 +41,7 @@ from policylink.codec import unpackb  # noqa: E402
 from policylink.errors import Unauthorized  # noqa: E402
 from policylink.rayserve.background import BackgroundFrontDoor  # noqa: E402
 from policylink.rayserve.cluster import RayCluster, ScaleOptions, start_local_ray  # noqa: E402
+from policylink.rayserve.run import replica_settings  # noqa: E402
 
 from conftest import POLICYLINK, free_port, wait_healthy, wait_until  # noqa: E402
 from lerobot_checkpoints import act_dir  # noqa: E402,F401
@@ -52,10 +53,7 @@ STATE = {"observation.state": np.zeros(4, np.float32)}
 
 def serve_args(*flags: str, api_key: str | None = None) -> dict[str, Any]:
     """The settings ``policylink serve FLAGS`` would give each replica."""
-    args = build_parser().parse_args(["serve", *flags])
-    values = {name: value for name, value in vars(args).items() if name != "func"}
-    values["resolved_api_key"] = api_key
-    return values
+    return replica_settings(build_parser().parse_args(["serve", *flags]), api_key)
 
 
 @pytest.fixture

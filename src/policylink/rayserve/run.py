@@ -9,7 +9,7 @@ from typing import Any
 
 from .cluster import LOOPBACK_ENV
 
-__all__ = ["run", "add_ray_flags", "scale_options_from_args"]
+__all__ = ["run", "add_ray_flags", "scale_options_from_args", "replica_settings"]
 
 #: Serve flags a Ray deployment does not offer yet, and why.
 _UNSUPPORTED = {
@@ -57,6 +57,13 @@ def check_ray_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"{', '.join(given)}: not available with --ray yet; replicas serve the WebSocket protocol through one front door")
 
 
+def replica_settings(args: argparse.Namespace, api_key: str | None) -> dict[str, Any]:
+    """The ``serve`` settings every replica applies: the flags, with the API key resolved once by the command."""
+    settings = {name: value for name, value in vars(args).items() if name != "func"}
+    settings.update(api_key=None, api_key_file=None, resolved_api_key=api_key)
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     """Deploy the replicas, serve the front door until Ctrl+C / SIGTERM, then take everything down."""
     from ..server.auth import resolve_api_key
@@ -75,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from .cluster import RayCluster, serve_forever, start_local_ray
 
     api_key = resolve_api_key(args.api_key, args.api_key_file)
-    serve_args = {name: value for name, value in vars(args).items() if name != "func"}
-    serve_args.update(api_key=None, api_key_file=None, resolved_api_key=api_key)
+    serve_args = replica_settings(args, api_key)
     bind_host = args.replica_host or ("127.0.0.1" if local else "0.0.0.0")
     count = f"{options.min_replicas}..{options.max_replicas} (autoscaling)" if options.autoscaling else str(options.replicas)
     print(f"policylink: starting {'a local Ray on 127.0.0.1' if local else f'on the Ray cluster at {args.ray_address}'} with {count} replica(s)", flush=True)
