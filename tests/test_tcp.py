@@ -15,7 +15,7 @@ from protocol_servers import read_frame, running
 
 from policylink.client.tcp import TcpClient
 from policylink.codec import packb, unpackb
-from policylink.errors import ServerError
+from policylink.errors import RequestError, ServerError
 from policylink.server.engine import Engine
 from policylink.server.tcp import TcpServer, legacy_observation
 from policylink.types import Feature, PolicyMetadata
@@ -133,6 +133,25 @@ def test_trusted_pickle_legacy_client_and_contained_exploit(tmp_path):
         # The same connection still serves msgpack and pickles.
         client.send_frame(packb({"observation.state": np.full(6, 1.0, np.float32)}))
         assert unpackb(client.recv_frame())["actions"][0, 0] == 1.0
+        # A class nobody named is refused with the flag that admits it.
+        client.send_frame(pickle.dumps(_UnnamedObservation()))
+        error = pickle.loads(client.recv_frame())["error"]
+        assert f"refusing to unpickle {__name__}._UnnamedObservation" in error
+        assert f"--pickle-class {__name__}:_UnnamedObservation" in error and "--legacy-tcp-port" in error
+
+
+class _UnnamedObservation:  # a legacy class the server was not told about
+    state = None
+
+
+def test_legacy_mapping_drops_a_batch_of_one_and_refuses_more():
+    batched = legacy_observation({"state": np.ones((1, 6)), "image": np.zeros((1, 2, 3, 4, 5), np.float32)}, ["a", "b"])
+    assert batched["observation.state"].shape == (6,) and batched["observation.images.b"].shape == (4, 5, 3)
+    assert batched["observation.images.a"].dtype == np.uint8  # float frames in [0, 1] become uint8
+    with pytest.raises(RequestError, match="'state' is a batch of 2 observations"):
+        legacy_observation({"state": np.ones((2, 6))}, [])
+    by_space = legacy_observation({"state_ee": np.arange(7), "state_joint": np.arange(6)}, [], ctrl_space="ee")
+    assert by_space["observation.state"].shape == (7,)
 
 
 def test_legacy_mapping_names_cameras_in_order():

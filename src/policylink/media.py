@@ -50,7 +50,7 @@ def camera_frames(obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The ``HxWx3 uint8`` camera frames of ``obs`` by short camera name.
 
     Understands LeRobot keys (``observation.images.front``), openpi keys
-    (``observation/image``) and the nested ``{"images": {cam: ...}}`` form.
+    (``observation/image``, ``observation/<camera>_image``) and the nested ``{"images": {cam: ...}}`` form.
     Anything that is not an ``HxWx3`` (or ``HxW``) uint8 array is ignored.
     """
     frames: dict[str, np.ndarray] = {}
@@ -59,6 +59,8 @@ def camera_frames(obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         for prefix in _IMAGE_PREFIXES:
             if key.startswith(prefix):
                 name = key[len(prefix):]
+        if name is None and isinstance(key, str) and key.startswith("observation/") and key.endswith("_image"):
+            name = key[len("observation/"):-len("_image")]  # openpi style: observation/<camera>_image
         if name is not None and _is_frame(value):
             frames[name] = value
     nested = obs.get("images")

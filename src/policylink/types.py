@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .action_space import ActionSpace
 from .rtc.request import RTCSupport
 
 __all__ = [
@@ -71,6 +72,8 @@ class PolicyMetadata:
     n_action_steps: int | None = None
     #: ``joint_position`` or ``joint_velocity``, as RoboArena-style clients expect.
     action_space: str = "joint_position"
+    #: What the actions mean (``joint``/``ee``, ``abs``/``relative``/``delta``); clients turn non-absolute chunks into commands.
+    control: ActionSpace = ActionSpace()
     #: Free-form, honest notes about the policy (e.g. "random weights").
     description: str = ""
     #: Per-joint range of the actions the policy was trained on (the checkpoint's statistics), when known.
@@ -81,6 +84,7 @@ class PolicyMetadata:
     rtc: RTCSupport | None = None
 
     def __post_init__(self) -> None:
+        self.control.check_dims(self.action_dim)
         if (self.action_low is None) != (self.action_high is None):
             raise ValueError("action bounds need both action_low and action_high")
         if self.action_low is not None and self.action_high is not None:
@@ -123,6 +127,7 @@ class PolicyMetadata:
             "n_external_cameras": len(self.camera_names) - len(wrist),
             "needs_wrist_camera": bool(wrist),
             "action_space": self.action_space,
+            **self.control.to_dict(),
             "action_low": list(self.action_low) if self.action_low is not None else None,
             "action_high": list(self.action_high) if self.action_high is not None else None,
             "rtc": self.rtc.to_dict() if self.rtc is not None else None,
@@ -142,6 +147,7 @@ class PolicyMetadata:
             policy_type=str(data.get("policy_type", "unknown")),
             n_action_steps=data.get("n_action_steps"),
             action_space=str(data.get("action_space", "joint_position")),
+            control=ActionSpace.from_dict(data),
             description=str(data.get("description", "")),
             action_low=_bounds(data.get("action_low")),
             action_high=_bounds(data.get("action_high")),

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ..action_space import ActionSpace
 from ..errors import RequestError
 from ..rtc.request import RTC_KEY, SEED_KEY, RTCRequest, RTCSupport
 from ..types import Feature, Observation, Policy, PolicyMetadata, Reply
@@ -122,6 +123,7 @@ def load_policy(
     fps: float | None = None,
     rtc: RTCSupport | None = RTCSupport(),
     compile: str | None = None,
+    control: ActionSpace | None = None,
 ) -> LeRobotPolicy:
     """Load a LeRobot checkpoint directory, warm it up, and return it ready to serve.
 
@@ -133,10 +135,17 @@ def load_policy(
     ``compile`` (one of :data:`COMPILE_MODES`) compiles the policy's network
     with ``torch.compile`` and warms it up for a batch of one and for larger
     batches (one graph with a dynamic batch size), which takes minutes.
+    ``control`` is the policy's action space; ``None`` reads it from the
+    checkpoint's ``policylink.json`` (joint/abs without one).
     Raises :class:`RequestError` for a missing or broken checkpoint, an
     unknown device, dtype or compile mode.
     """
     directory = resolve_checkpoint(path)
+    if control is None:
+        try:
+            control = ActionSpace.from_checkpoint(directory)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
     dtype = (dtype or "float32").lower()
     if dtype not in DTYPES:
         raise RequestError(f"unknown dtype {dtype!r}; use one of {list(DTYPES)}")
@@ -162,7 +171,7 @@ def load_policy(
         raise RequestError(f"could not load checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
     policy = LeRobotPolicy(
         *parts, device=chosen, dtype=dtype, model_id=str(path), task=task, rename_map=rename,
-        fps=fps if fps is not None else _recorded_fps(directory), rtc=rtc,
+        fps=fps if fps is not None else _recorded_fps(directory), rtc=rtc, control=control,
     )
     load_s = time.perf_counter() - started
     if compile is not None:
@@ -290,6 +299,7 @@ class LeRobotPolicy(Policy):
         self, config: Any, model: Any, preprocessor: Any, postprocessor: Any, *,
         device: str, dtype: str = "float32", model_id: str = "", task: str | None = None,
         rename_map: Mapping[str, str] | None = None, fps: float | None = None, rtc: RTCSupport | None = None,
+        control: ActionSpace = ActionSpace(),
     ) -> None:
         self.config = config
         self.model = model
@@ -300,6 +310,7 @@ class LeRobotPolicy(Policy):
         self.model_id = model_id or str(getattr(config, "pretrained_path", "lerobot"))
         self.default_task = task
         self.fps = fps
+        self.control = control
         shapes = {key: tuple(feature.shape) for key, feature in config.input_features.items()}
         self.spec = ObservationSpec.from_feature_keys(shapes, rename_map)
         self.image_sizes = {key: (shape[-2], shape[-1]) for key, shape in shapes.items() if key in self.spec.cameras.values()}
@@ -683,6 +694,7 @@ class LeRobotPolicy(Policy):
             n_action_steps=min(int(n_action_steps), horizon) if n_action_steps else horizon,
             description="; ".join(notes),
             rtc=self.rtc.within(horizon) if self.rtc is not None else None,
+            control=self.control,
         )
 
 

@@ -38,6 +38,7 @@ examples:
   policylink eval --env pusht --policy.type random --episodes 10 --num-envs 4
   policylink eval --server ws://gpu-box:8000 --env aloha --episodes 50 --num-envs 8 --videos 2 --out runs/act
   policylink eval --env pusht --policy.path ckpt/pretrained_model --mode async --sim-latency-steps 3
+  policylink eval --env metaworld/reach-v3 --policy.type random --episodes 10
 """
 
 
@@ -45,12 +46,16 @@ def add_parser(subparsers: Any) -> None:
     from ..envs.sim import ALIASES, SIM_ENVS
 
     parser = subparsers.add_parser(
-        "eval", help="evaluate a policy in simulation (PushT, ALOHA, SO-100)", description=HELP, epilog=EXAMPLES,
+        "eval", help="evaluate a policy in simulation (PushT, ALOHA, SO-100, MetaWorld)", description=HELP, epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_flags(parser)
     parser.add_argument("--server", default=None, help="policy server URL (ws://host:port); default: start a local one")
-    parser.add_argument("--env", default="pusht", choices=[*SIM_ENVS, *ALIASES], help="simulator (default: pusht)")
+    parser.add_argument(
+        "--env", default="pusht", type=_env_name, metavar="NAME",
+        help=f"simulator: {', '.join([*SIM_ENVS, *ALIASES])}, or metaworld/TASK (e.g. metaworld/reach-v3, "
+             "metaworld/pick-place-v3; an unknown task gets the list) (default: pusht)",
+    )
     parser.add_argument("--episodes", type=int, default=10, help="episodes to run (default: 10)")
     parser.add_argument("--num-envs", type=int, default=1, help="environments stepping concurrently (default: 1)")
     parser.add_argument("--seed", dest="eval_seed", type=int, default=0, help="seed of episode 0; episode i uses seed+i (default: 0)")
@@ -58,7 +63,7 @@ def add_parser(subparsers: Any) -> None:
         "--env.obs_type", dest="env_obs_type", default=None, choices=["pixels_agent_pos", "environment_state_agent_pos"],
         help="pusht: camera image (default) or the block's key points (observation.environment_state)",
     )
-    parser.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the simulator's: PushT 300, ALOHA/SO-100 400)")
+    parser.add_argument("--max-steps", type=int, default=None, help="steps per episode (default: the simulator's: PushT 300, ALOHA/SO-100 400, MetaWorld 500)")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json and videos (default: outputs/eval/<time>_<env>)")
     parser.add_argument("--videos", type=int, default=0, help="record MP4 videos of the first M episodes (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             merge=args.merge, rtc_horizon=args.rtc_request_horizon, rtc_guidance=args.rtc_request_guidance,
         ),
         videos=args.videos,
-        out=args.out or Path("outputs") / "eval" / f"{time.strftime('%Y%m%d-%H%M%S')}_{args.env}",
+        out=args.out or Path("outputs") / "eval" / f"{time.strftime('%Y%m%d-%H%M%S')}_{args.env.replace('/', '-')}",
         policy_path=args.policy_path,
         configure={"device": args.device, "dtype": args.dtype, "task": args.policy_task, "rename_map": args.policy_rename_map},
         timeout=args.timeout,
@@ -160,6 +165,16 @@ class _server:
     def __exit__(self, *exc: object) -> None:
         if self.background is not None:
             self.background.stop()
+
+
+def _env_name(value: str) -> str:
+    """``--env``: a simulator's name, an alias, or ``metaworld/TASK`` (the task is checked when it is built)."""
+    from ..envs.sim import check_sim_name
+
+    try:
+        return check_sim_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _sim_action_dim(env: str) -> int:

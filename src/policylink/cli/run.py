@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import ServerError
 from ..runtime.merging import MERGE_RULES
 from .config import add_config_flags
 
@@ -49,9 +50,18 @@ def add_parser(subparsers: Any) -> None:
     add_image_codec_flags(parser)
     env = parser.add_argument_group("environment")
     env.add_argument("--env", dest="env", default="fake", choices=["fake", "replay", "robot"], help="environment (default: fake)")
-    env.add_argument("--env.layout", dest="env_layout", default="single", choices=["single", "bimanual"], help="fake: single arm (6-d) or bimanual (12-d) (default: single)")
-    env.add_argument("--env.cameras", dest="env_cameras", default=None, help="fake: comma-separated camera names, 0 to 3 (default: the layout's one camera)")
-    env.add_argument("--env.image_size", dest="env_image_size", default="480x640", help="fake: camera image size HxW (default: 480x640)")
+    env.add_argument("--env.task", dest="env_task", default=None, choices=["lift", "sort", "stack"],
+                     help="fake: one of the seeds' grasp-cube tasks: lift and stack one arm (6-d), sort two (12-d); cameras front, "
+                          "left_wrist, right_wrist at 480x640; instruction 'lift the cube', 'sort the cubes' or 'stack the cubes' "
+                          "unless --task gives one. --env.cameras (a subset) and --env.image_size refine it; a contradicting "
+                          "--env.layout is refused (not to be confused with --task, the language instruction)")
+    env.add_argument("--env.layout", dest="env_layout", default=None, choices=["single", "bimanual"], help="fake: single arm (6-d) or bimanual (12-d) (default: single, or --env.task's)")
+    env.add_argument("--env.cameras", dest="env_cameras", default=None, help="fake: comma-separated camera names, 0 to 3 (default: the layout's one camera, or --env.task's three)")
+    env.add_argument("--env.image_size", dest="env_image_size", default=None, help="fake: camera image size HxW (default: 480x640)")
+    env.add_argument("--env.keys", dest="env_keys", default="lerobot", choices=["lerobot", "openpi"],
+                     help="fake: observation keys: lerobot (observation.state, observation.images.<camera>, task) or openpi "
+                          "(observation/state, observation/image for the first camera, observation/<camera>_image for the "
+                          "others, prompt) (default: lerobot)")
     env.add_argument("--env.episode_steps", dest="env_episode_steps", type=int, default=300, help="fake: steps per episode (default: 300)")
     env.add_argument("--env.path", dest="env_path", default=None, help="replay: an episode .npz or a LeRobot dataset directory")
     env.add_argument("--env.episode", dest="env_episode", type=int, default=0, help="replay: episode index in a LeRobot dataset (default: 0)")
@@ -152,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
     with make_env(args) as env, _server(args, env) as url, PolicyClient(
         url, api_key=args.api_key, ca_file=args.ca_file, image_codec=args.image_codec, quality=args.image_quality
     ) as client:
-        metadata = client.metadata
+        metadata = client.metadata if client.speaks_policylink else learn_plain_server(client, env)
         if metadata is None:
-            raise ValueError(f"the server at {url} has no model loaded; start it with a policy or use 'policylink infer --policy.path'")
+            raise ValueError(f"the server at {url} has no model loaded; start it with a policy, or load one with 'policylink infer --server {url} --policy.path CHECKPOINT'")
         mapping = action_mapping(args, env.action_dim)
         expected = len(mapping.indices) if mapping is not None else env.action_dim
         if metadata.action_dim != expected:
@@ -171,6 +181,21 @@ def run(args: argparse.Namespace) -> int:
         if report.get("steps"):
             print(f"  replay     last episode, {report['steps']} steps: mean |served - recorded| {report['mean_abs_error']:.5f}, max {report['max_abs_error']:.5f}", flush=True)
     return 1 if errors else 0
+
+
+def learn_plain_server(client: Any, env: Any) -> Any:
+    """A plain (openpi) server announces no action size: send the environment's first observation once and read it off the reply."""
+    print(f"policylink run: {client.url} is not a policylink server (openpi protocol); "
+          "learning its action size and horizon from one request", flush=True)
+    observation = env.reset()
+    try:
+        client.infer(observation)
+    except ServerError as exc:
+        keys = ", ".join(sorted(observation))
+        raise ValueError(f"the server at {client.url} refused the environment's first observation ({keys}): "
+                         f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc}. openpi policies usually read "
+                         "'observation/state', 'observation/image' and 'prompt': try --env.keys openpi") from None
+    return client.metadata
 
 
 def _drive(args: argparse.Namespace, client: Any, env: Any, metadata: Any) -> dict[str, Any]:
@@ -197,6 +222,7 @@ def make_executor(args: argparse.Namespace, client: Any, env: Any, metadata: Any
     from ..runtime.executor import Executor, ExecutorConfig
     from ..runtime.filters import ChunkValidator, GripperBinarize, JointLimits, MovingAverage, ReadyPose, VelocityLimit
     from ..runtime.merging import make_merge_rule
+    from .serve import control_from_args
 
     merge_options = {"average": {"old_weight": args.merge_old_weight}, "ensemble": {"k": args.merge_k}}.get(args.merge, {})
     config = ExecutorConfig(
@@ -230,6 +256,7 @@ def make_executor(args: argparse.Namespace, client: Any, env: Any, metadata: Any
         client, env, config, clock=clock, filters=filters, validator=validator, ready_pose=ready,
         bounds=(limits.low, limits.high) if limits is not None else None,  # --filter.limits replaces the policy's range
         use_policy_bounds=not args.no_policy_bounds, allow_unbounded=args.allow_unbounded,
+        control=control_from_args(args) if getattr(args, "server", None) else None,  # a local server declares it itself
     )
 
 
@@ -286,8 +313,11 @@ def make_env(args: argparse.Namespace) -> Any:
     from .serve import parse_cameras
 
     cameras = None if args.env_cameras is None else [name.strip() for name in args.env_cameras.split(",") if name.strip()]
-    size = next(iter(parse_cameras(f"x={args.env_image_size}").values()))
-    return FakeEnv(args.env_layout, cameras=cameras, image_size=size, episode_steps=args.env_episode_steps, fps=args.fps)
+    size = None if args.env_image_size is None else next(iter(parse_cameras(f"x={args.env_image_size}").values()))
+    return FakeEnv(
+        args.env_layout, cameras=cameras, image_size=size, episode_steps=args.env_episode_steps, fps=args.fps,
+        task=args.task, preset=args.env_task, keys=args.env_keys,
+    )
 
 
 def parse_robot_cameras(text: str) -> dict[str, Any]:
@@ -342,7 +372,8 @@ def quiet_local_server() -> None:
 
 def _camera_sizes(env: Any) -> dict[str, tuple[int, int]]:
     observation = env.reset()
-    return {name: tuple(observation[f"observation.images.{name}"].shape[:2]) for name in env.camera_names}
+    keys = getattr(env, "image_keys", None) or {name: f"observation.images.{name}" for name in env.camera_names}
+    return {name: tuple(observation[keys[name]].shape[:2]) for name in env.camera_names}
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from ..allocator import tune_allocator
+from ..action_space import ActionSpace
 from ..policies.builtin import BUILTIN_POLICIES, make_builtin_policy
 from ..rayserve.run import add_ray_flags
 from ..rtc.request import SCHEDULES, RTCSupport
@@ -97,12 +98,26 @@ def add_protocol_flags(parser: argparse.ArgumentParser) -> None:
                             "payloads go through a restricted unpickler, but serve trusted clients only")
     group.add_argument("--pickle-class", action="append", default=[], metavar="MODULE:CLASS",
                        help="TCP pickles: a legacy client's observation class, rebuilt as a plain attribute bag (never imported); repeatable")
+    group.add_argument("--legacy-tcp-port", type=int, default=None, metavar="PORT",
+                       help="also serve legacy MetaObs/MetaAction pickle clients unchanged (no metadata frame; pickled MetaObs in, "
+                            "a pickled list of MetaAction out); needs --trust-pickle, refused with an API key (they cannot send one)")
+    group.add_argument("--legacy-tcp-host", default="127.0.0.1", help="address of the legacy port (default: 127.0.0.1, this machine only)")
+    group.add_argument("--legacy-module", default="benchmark.base", metavar="MODULE",
+                       help="the module legacy clients define MetaObs and MetaAction in (default: benchmark.base); never imported")
 
 
 def check_protocol_flags(args: argparse.Namespace) -> None:
     """Refuse unsafe or incomplete protocol flags before any model is loaded."""
     if args.lerobot_compat_port is not None and not args.trust_pickle:
         raise ValueError("--lerobot-compat-port needs --trust-pickle: LeRobot's protocol sends pickles, which can run code on this server")
+    if args.legacy_tcp_port is not None:
+        if not args.trust_pickle:
+            raise ValueError("--legacy-tcp-port needs --trust-pickle: legacy clients send pickles, which can run code on this server")
+        from ..server.auth import resolve_api_key
+
+        if resolve_api_key(args.api_key, args.api_key_file):
+            raise ValueError("--legacy-tcp-port cannot be locked with an API key: legacy clients send none. Serve them from a "
+                             "server without a key, on --legacy-tcp-host 127.0.0.1 or a trusted network")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("TLS needs both --tls-cert and --tls-key")
 
@@ -138,12 +153,21 @@ def protocol_servers(args: argparse.Namespace, engine: Any) -> list[Any]:
         except ImportError as exc:
             raise ValueError(f"--lerobot-compat-port needs the server and grpc extras ({exc})") from None
         servers.append(LeRobotCompatServer(engine, args.lerobot_compat_host, args.lerobot_compat_port, max_message_bytes=max_bytes))
+    if args.legacy_tcp_port is not None:
+        from ..server.legacy_tcp import LegacyTcpServer
+
+        servers.append(LegacyTcpServer(
+            engine, args.legacy_tcp_host, args.legacy_tcp_port, module=args.legacy_module, max_frame_bytes=max_bytes,
+            read_timeout_s=args.read_timeout, idle_timeout_s=args.idle_timeout,
+        ))
     return servers
 
 
 def describe_server(server: Any) -> str:
     """``grpc://host:port`` and the like, for the start-up line."""
     kind = type(server).__name__
+    if kind == "LegacyTcpServer":
+        return f"legacy pickle clients ({server.module}.MetaObs -> MetaAction) on tcp://{server.host}:{server.port}"
     if kind == "GrpcServer":
         return f"{server.scheme}://{server.host}:{server.port}"
     if kind == "TcpServer":
@@ -182,6 +206,14 @@ def add_policy_flags(parser: argparse.ArgumentParser) -> None:
                             "(takes minutes; MODE default, reduce-overhead = CUDA graphs on a GPU, or max-autotune; default: off). "
                             "Measured in BENCHMARKS.md")
     group.add_argument("--policy.task", dest="policy_task", metavar="TEXT", default=None, help="LeRobot checkpoints: prompt used when an observation carries no 'task'/'prompt'")
+    group.add_argument("--policy.action_space", dest="policy_action_space", metavar="SPACE/TYPE", default=None,
+                       help="what the policy's actions mean: joint|ee / abs|relative|delta, e.g. ee/delta; clients turn relative and "
+                            "delta chunks into absolute commands (default: the checkpoint's policylink.json, else joint/abs). "
+                            "With run --server: what a server that declares none (openpi) sends")
+    group.add_argument("--policy.absolute_dims", dest="policy_absolute_dims", metavar="DIMS", default="",
+                       help="with --policy.action_space: comma-separated dimensions that stay absolute (e.g. -1, a gripper)")
+    group.add_argument("--policy.gripper_continuous", dest="policy_gripper_continuous", action="store_true",
+                       help="with --policy.action_space: the last dimension is a continuous gripper position (told to legacy clients)")
     group.add_argument("--policy.rename_map", dest="policy_rename_map", metavar="CLIENT=POLICY,...", default="", help="LeRobot checkpoints: client camera names to policy camera names, CLIENT=POLICY,... (e.g. top=front)")
     rtc = parser.add_argument_group("real-time chunking (flow-matching policies: flow, SmolVLA, pi0, pi0.5)")
     rtc.add_argument("--policy.rtc_guidance", dest="rtc_guidance", metavar="W", type=float, default=10.0,
@@ -205,6 +237,25 @@ def rtc_support_from_args(args: argparse.Namespace) -> RTCSupport | None:
                           execution_horizon=args.rtc_horizon)
     except ValueError as exc:
         raise ValueError(f"--policy.rtc_*: {exc}") from None
+
+
+def control_from_args(args: argparse.Namespace) -> ActionSpace | None:
+    """The action space ``--policy.action_space`` declares; ``None`` when not given (the checkpoint's, else joint/abs)."""
+    text = getattr(args, "policy_action_space", None)
+    dims_text = getattr(args, "policy_absolute_dims", "") or ""
+    gripper = bool(getattr(args, "policy_gripper_continuous", False))
+    if text is None:
+        if dims_text or gripper:
+            raise ValueError("--policy.absolute_dims and --policy.gripper_continuous need --policy.action_space")
+        return None
+    try:
+        dims = [int(part) for part in dims_text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"bad --policy.absolute_dims {dims_text!r}: expected comma-separated integers, e.g. -1 or 5,11") from None
+    try:
+        return ActionSpace.parse(text, absolute_dims=dims, gripper_continuous=gripper)
+    except ValueError as exc:
+        raise ValueError(f"--policy.action_space: {exc}") from None
 
 
 def parse_cameras(text: str) -> dict[str, tuple[int, int]]:
@@ -235,6 +286,10 @@ def builtin_from_args(args: argparse.Namespace) -> Policy:
     elif args.policy_type == "flow":
         options["seed"] = args.seed
         options["rtc"] = rtc_support_from_args(args)
+    control = control_from_args(args)
+    if control is not None:
+        control.check_dims(args.action_dim)
+        options["control"] = control
     return make_builtin_policy(args.policy_type, **options)
 
 
@@ -250,7 +305,7 @@ def policy_from_args(args: argparse.Namespace) -> Policy | None:
         return _lerobot_backend().load_policy(
             args.policy_path, device=args.device, dtype=args.dtype,
             task=getattr(args, "policy_task", None), rename_map=getattr(args, "policy_rename_map", None),
-            rtc=rtc_support_from_args(args), compile=getattr(args, "compile", None),
+            rtc=rtc_support_from_args(args), compile=getattr(args, "compile", None), control=control_from_args(args),
         )
     return None
 

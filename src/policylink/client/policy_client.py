@@ -12,7 +12,7 @@ import numpy as np
 
 from ..codec import DEFAULT_MAX_MESSAGE_BYTES
 from ..compression import check_image_codec, compress_images
-from ..errors import ConnectionFailed, InferenceTimeout, ModelNotLoaded, ProtocolError
+from ..errors import ConnectionFailed, InferenceTimeout, ModelNotLoaded, NotAllowed, ProtocolError
 from ..types import Observation, PolicyMetadata
 from .transport import ConnectionLost, Transport
 from .websocket import WebSocketTransport
@@ -141,6 +141,8 @@ class PolicyClient:
         self._configure_request: dict[str, Any] | None = None
         self._configured = True
         self._ever_connected = False
+        #: ``(horizon, action_dim)`` of the last chunk: a plain server's metadata comes from it.
+        self._seen_shape: tuple[int, int] | None = None
         if connect:
             self._connect(self.connect_timeout)
 
@@ -158,12 +160,39 @@ class PolicyClient:
         return self.server_metadata
 
     @property
+    def speaks_policylink(self) -> bool:
+        """Whether the server is policylink (its metadata frame names the protocol), not openpi's or another plain one.
+
+        A plain server is never sent policylink's commands (``reset`` and
+        ``configure``) or request fields (``__timeout_ms__``, ``__rtc__``...):
+        openpi hands every map to its policy.
+        """
+        frame = self._transport.metadata_frame or self.server_metadata  # the last one known: no reconnect just to ask
+        protocol = frame.get("protocol")
+        return isinstance(protocol, str) and protocol.startswith("policylink")
+
+    @property
     def metadata(self) -> PolicyMetadata | None:
-        """The served policy's metadata, or ``None`` when the server is idle."""
+        """The served policy's metadata, or ``None`` when the server is idle.
+
+        A plain (openpi) server announces no action size: its metadata is
+        built from the first reply's chunk, and is ``None`` until one came.
+        """
         frame = self.server_metadata
-        if frame.get("status") == "idle" or "action_dim" not in frame:
+        if self.speaks_policylink:
+            if frame.get("status") == "idle" or "action_dim" not in frame:
+                return None
+            return PolicyMetadata.from_dict(frame)
+        if "action_dim" in frame and "horizon" in frame:  # a plain server that announces its chunk after all
+            return PolicyMetadata.from_dict({"policy_type": "openpi", **frame})
+        if self._seen_shape is None:
             return None
-        return PolicyMetadata.from_dict(frame)
+        horizon, action_dim = self._seen_shape
+        return PolicyMetadata(
+            action_dim=action_dim, horizon=horizon, model_id=str(frame.get("model_id") or "openpi policy"),
+            policy_type=str(frame.get("policy_type") or "openpi"),
+            description="not a policylink server (openpi protocol): action size and horizon taken from its first reply",
+        )
 
     # -- requests ---------------------------------------------------------
 
@@ -172,10 +201,16 @@ class PolicyClient:
         if not isinstance(obs, Mapping):
             raise TypeError(f"obs must be a dict of arrays, got {type(obs).__name__}")
         sent = time.perf_counter()
-        reply = self._request(self._encoded(obs), timeout)
+        if not self._transport.metadata_frame:  # never connected: learn what the server speaks first
+            self._ensure_session(time.monotonic() + (self.timeout if timeout is None else timeout))
+        message = self._encoded(obs)
+        if not self.speaks_policylink:  # a plain server hands every key to its policy: no policylink fields
+            message = {key: value for key, value in message.items() if not (isinstance(key, str) and key.startswith("__"))}
+        reply = self._request(message, timeout)
         if not isinstance(reply, dict) or "actions" not in reply:
             raise ProtocolError(f"server reply has no 'actions' (got {type(reply).__name__})")
         chunk = ActionChunk(reply)
+        self._seen_shape = chunk.shape
         chunk.reply["client_timing"] = {"roundtrip_ms": (time.perf_counter() - sent) * 1e3}
         return chunk
 
@@ -193,7 +228,10 @@ class PolicyClient:
         return compress_images(obs, self.quality)
 
     def reset(self) -> None:
-        """Ask the server to forget this client's episode state."""
+        """Ask the server to forget this client's episode state (a plain openpi server has none to forget: nothing is sent)."""
+        if not self.speaks_policylink:
+            logger.debug("%s is not a policylink server: reset sends nothing", self.url)
+            return
         self._request({_COMMAND_KEY: "reset"}, None)
 
     def configure(self, policy_path: str, *, device: str | None = None, dtype: str | None = None, task: str | None = None, **options: Any) -> PolicyMetadata:
@@ -202,6 +240,8 @@ class PolicyClient:
         The request is remembered and re-sent after any reconnect, so the
         client keeps its model across server restarts.
         """
+        if not self.speaks_policylink:
+            raise NotAllowed(f"the server at {self.url} is not a policylink server (openpi protocol): it serves one fixed policy and cannot load {policy_path}")
         request = {_COMMAND_KEY: "configure", "policy_path": str(policy_path), **options}
         request.update({key: value for key, value in (("device", device), ("dtype", dtype), ("task", task)) if value is not None})
         reply = self._request(request, max(self.timeout, 600.0))

@@ -51,6 +51,10 @@ class Env(abc.ABC):
     action_dim: int
     #: The environment's native control rate.
     fps: float = 30.0
+    #: Whether actions are target positions in the units of :meth:`state` (joint or pose targets). The
+    #: control loop then starts each episode's commands from the state and checks jumps against it;
+    #: environments whose actions are displacements or velocities (MetaWorld) say ``False``.
+    position_actions: bool = True
 
     @property
     def camera_names(self) -> tuple[str, ...]:

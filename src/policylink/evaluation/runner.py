@@ -194,8 +194,8 @@ class _Run:
         client = PolicyClient(self.url, timeout=config.timeout, image_codec=config.image_codec, quality=config.image_quality)
         try:
             metadata = self._connect(client, env)
-            # openpi servers send no "status" and know no commands (no per-episode reset).
-            policylink_server = "status" in client.server_metadata
+            # openpi servers know no commands (no per-episode reset).
+            policylink_server = client.speaks_policylink
             execution = dataclasses.replace(config.execution, max_steps=config.max_steps or env.max_episode_steps)
             if execution.n_action_steps is None and metadata is not None:
                 execution = dataclasses.replace(execution, n_action_steps=metadata.n_action_steps or metadata.horizon)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..action_space import ActionSpace
 from ..types import Feature, Observation, Policy, PolicyMetadata, Reply
 
 __all__ = [
@@ -57,6 +58,7 @@ class BuiltinPolicy(Policy):
         latency_ms: float = 0.0,
         n_action_steps: int | None = None,
         action_range: tuple[Any, Any] | None = None,
+        control: ActionSpace = ActionSpace(),
     ) -> None:
         if action_dim <= 0 or horizon <= 0:
             raise ValueError(f"action_dim and horizon must be positive, got {action_dim} and {horizon}")
@@ -79,6 +81,7 @@ class BuiltinPolicy(Policy):
             # What this policy can return, announced like a checkpoint's action statistics.
             action_low=None if action_range is None else tuple(np.broadcast_to(np.asarray(action_range[0], np.float64), (action_dim,))),
             action_high=None if action_range is None else tuple(np.broadcast_to(np.asarray(action_range[1], np.float64), (action_dim,))),
+            control=control,
         )
 
     @property

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from ..action_space import ActionSpace
 from ..codec import checked_array, checked_dtype, refuse_unsendable
 from ..errors import ProtocolError, RequestError
 from ..limits import DEFAULT_LIMITS, DecodeLimits
@@ -309,7 +310,21 @@ def frame_to_metadata(frame: Mapping[str, Any], session_id: str = "") -> pb.Meta
         action_low=list(frame.get("action_low") or ()),
         action_high=list(frame.get("action_high") or ()),
         rtc=_support_to_proto(frame.get("rtc")),
+        control=_control_to_proto(frame),
     )
+
+
+def _control_to_proto(frame: dict[str, Any]) -> pb.ActionSpace:
+    space = ActionSpace.from_dict(frame)
+    return pb.ActionSpace(ctrl_space=space.ctrl_space, ctrl_type=space.ctrl_type,
+                          absolute_dims=list(space.absolute_dims), gripper_continuous=space.gripper_continuous)
+
+
+def _control_from_proto(message: pb.Metadata) -> dict[str, Any]:
+    """``Metadata.control`` as the frame's fields (absent: joint/abs)."""
+    control = message.control
+    return ActionSpace(control.ctrl_space or "joint", control.ctrl_type or "abs", tuple(control.absolute_dims),
+                       control.gripper_continuous).to_dict()
 
 
 def _support_to_proto(support: Any) -> pb.RealTimeChunkingSupport | None:
@@ -353,5 +368,6 @@ def metadata_to_frame(message: pb.Metadata) -> dict[str, Any]:
         "action_low": list(message.action_low) or None,
         "action_high": list(message.action_high) or None,
         "rtc": _support_from_proto(message),
+        **_control_from_proto(message),
     })
     return {"status": message.status or "ready", **metadata.to_dict(), **server}

@@ -16,6 +16,7 @@ _UNSUPPORTED = {
     "grpc_port": "--grpc-port",
     "tcp_port": "--tcp-port",
     "lerobot_compat_port": "--lerobot-compat-port",
+    "legacy_tcp_port": "--legacy-tcp-port",
     "tls_cert": "--tls-cert",
     "metrics_port": "--metrics-port",
 }

@@ -106,6 +106,7 @@ from typing import Any
 
 import numpy as np
 
+from ..action_space import ActionSpace, anchor_state
 from ..envs.base import Env, StepResult
 from ..rtc.request import RTC_KEY, RTCRequest, RTCSupport
 from ..types import Observation
@@ -225,6 +226,8 @@ class _Request:
     generation: int
     #: An episode's first chunk, which the loop waits for (its age says nothing about the latency).
     awaited: bool = False
+    #: The observed state a relative or delta chunk is anchored on (``None`` for absolute actions).
+    anchor: np.ndarray | None = None
 
 
 class Executor:
@@ -261,6 +264,7 @@ class Executor:
         robot_bounds: ActionBounds | tuple[Any, Any] | None = None,
         use_policy_bounds: bool = True,
         allow_unbounded: bool = False,
+        control: ActionSpace | None = None,
     ) -> None:
         self.config = config or ExecutorConfig()
         self.env = env
@@ -280,8 +284,19 @@ class Executor:
             self.validator.indices = self._mapping.indices
         #: Chunks outside this range (the policy's, widened) are refused; commands are clipped to ``robot_bounds``.
         self.bounds = _bounds(bounds, "bounds", self.policy_dim)
+        metadata = _metadata(policy)
+        #: What the policy's actions mean; relative and delta chunks become absolute commands when they arrive.
+        self.control = _control(metadata, control, self.policy_dim)
+        if not self.control.absolute and isinstance(self.config.merge, RTCSplice):
+            raise ValueError(
+                f"merge 'rtc' needs absolute actions: the policy's are {self.control.name}, and the queued commands it sends back "
+                "to guide the next chunk would not be in the policy's own terms"
+            )
+        #: Whether ``bounds`` is the policy's announced range, in its own (possibly relative) units.
+        self._bounds_in_policy_units = False
         if self.bounds is None and use_policy_bounds:
-            self.bounds = ActionBounds.from_metadata(_metadata(policy), self.config.bounds_margin)
+            self.bounds = ActionBounds.from_metadata(metadata, self.config.bounds_margin)
+            self._bounds_in_policy_units = self.bounds is not None and not self.control.absolute
         self.robot_bounds = _bounds(robot_bounds if robot_bounds is not None else env.action_bounds(), "robot bounds", env.action_dim)
         if self.bounds is not None and self.bounds.dim != self.policy_dim:
             raise ValueError(f"the policy announces bounds for {self.bounds.dim} values per action, but its actions have {self.policy_dim}")
@@ -333,6 +348,7 @@ class Executor:
         self._last_raw: np.ndarray | None = None
         self._last_chunk_id: int | None = None
         self._last_fresh_time = 0.0
+        self._plain: bool | None = None
         self._tripped = False
         self._last_roundtrip_ms = 0.0
         self._last_server_timing: dict[str, float] = {}
@@ -546,13 +562,35 @@ class Executor:
         obs = dict(self._obs)
         if self.config.send_step:
             obs["step"] = np.int64(self.step)
-        if self.config.task is not None and "task" not in obs:
-            obs["task"] = self.config.task
+        if self.config.task is not None and "task" not in obs and "prompt" not in obs:
+            obs["prompt" if self._plain_server() else "task"] = self.config.task  # openpi's name for it
+        anchor = None if self.control.absolute else self._anchor(obs)
         if self._rtc_support is None:
             future = self._pool.submit(self._infer, obs)
         else:  # real-time chunking, or not yet known whether the server can
             future = self._pool.submit(self._infer_rtc, obs, self._rtc_request())
-        self._pending = _Request(future, self._chunk_counter, self.step, self.clock.ticks, self.clock.now(), self._generation)
+        self._pending = _Request(future, self._chunk_counter, self.step, self.clock.ticks, self.clock.now(), self._generation, anchor=anchor)
+
+    def _plain_server(self) -> bool:
+        """Whether the policy is a client of a plain (openpi) server, which gets only the observation's own keys."""
+        if self._plain is None:
+            try:
+                self._plain = not getattr(self._policy, "speaks_policylink", True)
+            except Exception:  # unreachable for now: ask again with the next request
+                return False
+        return self._plain
+
+    def _anchor(self, obs: Observation) -> np.ndarray | None:
+        """The observed state, in the policy's action space, that a relative or delta chunk for ``obs`` starts from."""
+        state = anchor_state(obs)
+        if state is None:
+            state = self.env.state()
+        if state is None:
+            return None
+        state = np.asarray(state, np.float32).reshape(-1)
+        if self._mapping is not None and state.size == self.env.action_dim and state.size != self.policy_dim:
+            state = state[self._mapping.indices]  # the robot joints the policy drives
+        return state
 
     def _rtc_request(self) -> RTCRequest | None:
         """The real-time-chunking fields for a request sent now: the queued remainder, the expected delay, the horizon.
@@ -659,9 +697,11 @@ class Executor:
         self._last_server_timing = server_timing
         self.stats.roundtrips_ms.append(self._last_roundtrip_ms)
         reason = ""
+        raw = actions
         try:
+            actions = self._to_commands(raw, pending.anchor)
             self.validator.check(actions, self._current_state())
-            self._check_bounds(actions)
+            self._check_bounds(raw if self._bounds_in_policy_units else actions)
             if age > self.config.watchdog_s:
                 self.stats.stale_chunks += 1
                 raise ChunkRejected(f"stale: its observation is {age:.2f} s old, the watchdog deadline is {self.config.watchdog_s:.2f} s")
@@ -677,6 +717,15 @@ class Executor:
         self.stats.chunks += 1
         self._enqueue(actions, pending)
         return None
+
+    def _to_commands(self, actions: np.ndarray, anchor: np.ndarray | None) -> np.ndarray:
+        """A relative or delta chunk as absolute commands, anchored on its observation's state (absolute: unchanged)."""
+        if self.control.absolute:
+            return actions
+        try:
+            return self.control.to_absolute(actions, anchor)
+        except ValueError as exc:
+            raise ChunkRejected(str(exc)) from None
 
     def _check_bounds(self, actions: np.ndarray) -> None:
         """Refuse a chunk that leaves the policy's action range (checked after the validator: shape and values are sane)."""
@@ -880,6 +929,9 @@ class Executor:
         self._state = "running"
 
     def _current_state(self) -> np.ndarray | None:
+        """The robot's state in the actions' units, for ramps, jump checks and filters (``None``: not comparable)."""
+        if not getattr(self.env, "position_actions", True):
+            return None  # displacement or velocity actions: no state is a command to ramp from
         state = self.env.state()
         if state is None:
             state = self._obs.get("observation.state")
@@ -908,6 +960,20 @@ def _metadata(policy: Any) -> Any:
     except Exception as exc:  # a client that cannot reach its server: no announced range
         logger.warning("could not read the policy's metadata for its action range: %s", exc)
         return None
+
+
+def _control(metadata: Any, given: ActionSpace | None, dim: int) -> ActionSpace:
+    """The action space to run with: ``given``, else the policy's declared one, else joint/abs.
+
+    ``given`` may only fill in for a policy that declares none (a plain
+    server); contradicting a declared one is refused.
+    """
+    declared = getattr(metadata, "control", None)
+    if given is not None and isinstance(declared, ActionSpace) and declared != ActionSpace() and declared != given:
+        raise ValueError(f"the policy declares {declared.name} actions, not {given.name}: drop the action-space override")
+    control = given or (declared if isinstance(declared, ActionSpace) else ActionSpace())
+    control.check_dims(dim)
+    return control
 
 
 def _bounds(value: Any, what: str, dim: int) -> ActionBounds | None:

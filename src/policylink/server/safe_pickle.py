@@ -143,6 +143,7 @@ __all__ = [
     "loads",
     "prepare",
     "UnsafePickle",
+    "ForbiddenGlobal",
     "Record",
     "SAFE_GLOBALS",
     "DEFAULT_MAX_BYTES",
@@ -183,6 +184,14 @@ _TORCH_PROTOCOL = 1001  # torch.serialization.PROTOCOL_VERSION
 
 class UnsafePickle(ProtocolError):
     """The payload names a global the restricted unpickler does not admit, or exceeds a limit."""
+
+
+class ForbiddenGlobal(UnsafePickle):
+    """The payload names a global (``module.name``) that is not admitted."""
+
+    def __init__(self, message: str, module: str, name: str) -> None:
+        super().__init__(message)
+        self.module, self.name = module, name
 
 
 #: ``(module, name)`` pairs a payload may name. Each is data-only: building it runs no user code.
@@ -1077,7 +1086,7 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
             elif module in _compat_pickle.IMPORT_MAPPING:
                 module = _compat_pickle.IMPORT_MAPPING[module]
         if (module, name) not in SAFE_GLOBALS and (module, name) != _LOAD_FROM_BYTES:
-            raise UnsafePickle(f"refusing to unpickle {module}.{name}: only numpy arrays, torch tensors, builtins and LeRobot's async-inference classes are admitted")
+            raise ForbiddenGlobal(f"refusing to unpickle {module}.{name}: only numpy arrays, torch tensors, builtins and LeRobot's async-inference classes are admitted", module, name)
         try:
             return _RESOLVED[(module, name)]
         except KeyError:

@@ -35,7 +35,7 @@ import asyncio
 import logging
 import pickle
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,34 +66,71 @@ class _FrameTooLarge(FrameError, RequestTooLarge):
     kind = ErrorKind.TOO_LARGE
 
 
-def legacy_observation(obj: Any, camera_names: Sequence[str]) -> dict[str, Any]:
-    """Map a legacy pickled observation onto policylink's keys.
+def legacy_observation(obj: Any, camera_names: Sequence[str], ctrl_space: str = "joint") -> dict[str, Any]:
+    """Map a legacy pickled observation (a ``MetaObs``, or any object or dict with its fields) onto policylink's keys.
 
-    ``state`` -> ``observation.state``; ``image`` ``(K, C, H, W)`` -> one
-    ``observation.images.<camera>`` ``(H, W, C)`` per camera, named after the
-    policy's cameras in order (``cam0``, ``cam1``, ... when it names none);
-    ``raw_lang`` -> ``task``. A dict with these keys is accepted too.
+    - ``state`` -> ``observation.state``; without one, ``state_ee`` or
+      ``state_joint``, whichever matches the policy's control space
+      (``ctrl_space``);
+    - ``image`` ``(K, C, H, W)`` -> one ``observation.images.<camera>``
+      ``(H, W, C)`` per camera, named after the policy's cameras in order
+      (``cam0``, ``cam1``, ... when it names none); float images in
+      ``[0, 1]`` become uint8;
+    - ``raw_lang`` -> ``task``.
+
+    A leading batch dimension of 1 (``MetaObs.to_batch()``) is dropped; a
+    larger batch is refused: one observation per request.
     """
     fields = obj if isinstance(obj, dict) else vars(obj) if hasattr(obj, "__dict__") else None
     if fields is None:
         raise RequestError(f"a pickled observation must be an object or dict with 'state', 'image', 'raw_lang', got {type(obj).__name__}")
     obs: dict[str, Any] = {}
-    if fields.get("state") is not None:
-        obs["observation.state"] = np.asarray(_numpy(fields["state"]), np.float32).reshape(-1)
+    state = _legacy_state(fields, ctrl_space)
+    if state is not None:
+        obs["observation.state"] = state
     if fields.get("image") is not None:
-        images = np.asarray(_numpy(fields["image"]))
+        images = _unbatched(np.asarray(_numpy(fields["image"])), 4, "image", "(K, C, H, W)")
         if images.ndim == 3:
             images = images[None]
-        if images.ndim != 4:
-            raise RequestError(f"'image' must be (K, C, H, W), got shape {images.shape}")
         for k, image in enumerate(images):
             name = camera_names[k] if k < len(camera_names) else f"cam{k}"
-            obs[f"observation.images.{name}"] = np.ascontiguousarray(np.moveaxis(image, 0, -1))
-    if fields.get("raw_lang"):
-        obs["task"] = str(fields["raw_lang"])
+            obs[f"observation.images.{name}"] = _uint8(np.ascontiguousarray(np.moveaxis(image, 0, -1)))
+    language = fields.get("raw_lang")
+    if isinstance(language, (list, tuple)) and len(language) == 1:  # a batched MetaObs carries a list
+        language = language[0]
+    if language:
+        obs["task"] = str(language)
     if not obs:
         raise RequestError("the pickled observation has none of 'state', 'image', 'raw_lang'")
     return obs
+
+
+def _legacy_state(fields: dict[str, Any], ctrl_space: str) -> np.ndarray | None:
+    """``state``, else the state of the policy's control space (``state_ee`` / ``state_joint``)."""
+    for key in ("state", f"state_{ctrl_space}"):
+        if fields.get(key) is not None:
+            state = _unbatched(np.asarray(_numpy(fields[key]), np.float32), 1, key, "(state_dim,)")
+            return state.reshape(-1)
+    return None
+
+
+def _unbatched(array: np.ndarray, ndim: int, name: str, shape: str) -> np.ndarray:
+    """``array`` without a leading batch dimension of 1; a larger batch or a wrong rank is refused."""
+    if array.ndim == ndim + 1:
+        if array.shape[0] != 1:
+            raise RequestError(f"'{name}' is a batch of {array.shape[0]} observations (shape {array.shape}); send one observation per request")
+        array = array[0]
+    if array.ndim > ndim or (ndim > 1 and array.ndim < ndim - 1):
+        raise RequestError(f"'{name}' must be {shape}, got shape {array.shape}")
+    return array
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] (or [0, 255]) as uint8; other dtypes as they are (the engine checks them)."""
+    if image.dtype.kind != "f" or not np.all(np.isfinite(image)):
+        return image
+    scale = 255.0 if image.size and float(image.max()) <= 1.0 else 1.0
+    return np.clip(np.rint(image * scale), 0, 255).astype(np.uint8)
 
 
 def _numpy(value: Any) -> Any:
@@ -154,49 +191,26 @@ class TcpServer(ServesInBlock):
 
     # -- one connection ---------------------------------------------------
 
+    #: The protocol's name in logs and metrics.
+    protocol = "tcp"
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        packer = Packer()
+        """One connection: admission, a session, the frame reader, then :meth:`_converse`."""
         if not self.engine.connections.try_open():
-            logger.warning("refused a TCP connection: %s", self.engine.connections.refusal())
-            await self._send_and_close(writer, packer.pack({"error": self.engine.connections.refusal(), "kind": ErrorKind.BUSY.value}))
+            logger.warning("refused a %s connection: %s", self.protocol, self.engine.connections.refusal())
+            await self._send_and_close(writer, self._error_body(Failure(ErrorKind.BUSY, self.engine.connections.refusal())))
             return
         peer = writer.get_extra_info("peername")
         try:
-            await self.engine.wait_ready()  # during warm-up the client waits for its metadata frame
+            await self.engine.wait_ready()  # during warm-up the client waits for its first answer
         except BaseException:
             self.engine.connections.close()
             raise
-        session = self.engine.open_session("%s:%s" % peer[:2] if peer else "", "tcp", self.max_frame_bytes)
+        session = self.engine.open_session("%s:%s" % peer[:2] if peer else "", self.protocol, self.max_frame_bytes)
         frames: asyncio.Queue[bytearray | BaseException | None] = asyncio.Queue(maxsize=1)
         reading = asyncio.ensure_future(self._read_frames(reader, frames))
         try:
-            authorized = not self.engine.auth.required
-            first = self.engine.metadata_frame(session) if authorized else {
-                "status": "auth_required", "protocol": PROTOCOL_VERSION,
-                "message": f"this server needs an API key: send {{'{COMMAND_KEY}': '{AUTH_COMMAND}', 'api_key': KEY}} first",
-            }
-            await self._send(writer, packer.pack(first))
-            while True:
-                item = await frames.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    failure = self.engine.refuse(session, item)
-                    await self._send(writer, packer.pack(_error_map(failure)))
-                    break
-                if not authorized:
-                    authorized = await self._authorize(session, item, writer, packer)
-                    if not authorized:
-                        break
-                    continue
-                self.engine.begin()  # until the reply is sent: a draining server waits for it
-                try:
-                    body = await self._answer(session, item, reading, packer)
-                    if body is None:  # the client went away while its request was worked on: dropped
-                        break
-                    await self._send(writer, body)
-                finally:
-                    self.engine.end()
+            await self._converse(session, frames, reading, writer)
         except (ConnectionError, OSError) as exc:
             logger.info("%s: connection lost: %s", session.client_id, exc)
         finally:
@@ -204,6 +218,47 @@ class TcpServer(ServesInBlock):
             self.engine.close_session(session)
             self.engine.connections.close()
             writer.close()  # flushes what is buffered (an error frame), then closes
+
+    async def _converse(self, session: ClientSession, frames: asyncio.Queue, reading: asyncio.Future, writer: asyncio.StreamWriter) -> None:
+        """Metadata (or the API-key challenge) first, then one reply per frame."""
+        packer = Packer()
+        authorized = not self.engine.auth.required
+        first = self.engine.metadata_frame(session) if authorized else {
+            "status": "auth_required", "protocol": PROTOCOL_VERSION,
+            "message": f"this server needs an API key: send {{'{COMMAND_KEY}': '{AUTH_COMMAND}', 'api_key': KEY}} first",
+        }
+        await self._send(writer, packer.pack(first))
+        while True:
+            item = await frames.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                failure = self.engine.refuse(session, item)
+                await self._send(writer, packer.pack(_error_map(failure)))
+                break
+            if not authorized:
+                authorized = await self._authorize(session, item, writer, packer)
+                if not authorized:
+                    break
+                continue
+            if not await self._reply(writer, self._answer(session, item, reading, packer)):
+                break
+
+    async def _reply(self, writer: asyncio.StreamWriter, answer: Any) -> bool:
+        """Send what the ``answer`` coroutine gives; ``False`` when the client left before it was ready."""
+        self.engine.begin()  # until the reply is sent: a draining server waits for it
+        try:
+            body = await answer
+            if body is None:  # the client went away while its request was worked on: dropped
+                return False
+            await self._send(writer, body)
+            return True
+        finally:
+            self.engine.end()
+
+    def _error_body(self, failure: Failure) -> bytes:
+        """A refusal in this protocol's form (a msgpack error map)."""
+        return Packer().pack(_error_map(failure))
 
     async def _authorize(self, session: ClientSession, payload: bytearray, writer: asyncio.StreamWriter, packer: Packer) -> bool:
         """Check a first frame ``{"__command__": "auth", "api_key": KEY}``; answer with the metadata or a refusal."""
@@ -242,9 +297,12 @@ class TcpServer(ServesInBlock):
         records = self.pickle_records
         max_bytes = self.max_frame_bytes
 
+        def hint(exc: safe_pickle.ForbiddenGlobal) -> str:
+            return (f"a legacy client's own observation class is admitted by name: start the server with --pickle-class "
+                    f"{exc.module}:{exc.name} (never imported, rebuilt as attributes), or serve MetaObs/MetaAction clients on --legacy-tcp-port")
+
         def decode(payload: bytearray) -> Request:
-            obj = safe_pickle.loads(bytes(payload), records=records, max_bytes=max_bytes)
-            return Request(legacy_observation(obj, cameras))
+            return Request(legacy_observation(load_pickle(payload, records, max_bytes, hint), cameras))
 
         return decode
 
@@ -303,6 +361,14 @@ class TcpServer(ServesInBlock):
         except (ConnectionError, OSError, TimeoutError):
             pass
         writer.close()
+
+
+def load_pickle(payload: bytearray, records: Sequence[str], max_bytes: int, hint: Callable[[safe_pickle.ForbiddenGlobal], str]) -> Any:
+    """:func:`safe_pickle.loads` of a frame; a refused global's message gets ``hint(exc)``: how this port admits a class."""
+    try:
+        return safe_pickle.loads(bytes(payload), records=records, max_bytes=max_bytes)
+    except safe_pickle.ForbiddenGlobal as exc:
+        raise safe_pickle.ForbiddenGlobal(f"{exc}; {hint(exc)}", exc.module, exc.name) from None
 
 
 def _decode_msgpack(payload: bytearray) -> Request:

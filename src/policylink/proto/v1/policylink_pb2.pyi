@@ -106,7 +106,7 @@ class FeatureSpec(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Metadata(_message.Message):
-    __slots__ = ("status", "model_id", "policy_type", "action_dim", "horizon", "n_action_steps", "fps", "input_features", "camera_names", "description", "action_space", "message", "session_id", "max_message_bytes", "action_low", "action_high", "rtc")
+    __slots__ = ("status", "model_id", "policy_type", "action_dim", "horizon", "n_action_steps", "fps", "input_features", "camera_names", "description", "action_space", "message", "session_id", "max_message_bytes", "action_low", "action_high", "rtc", "control")
     class InputFeaturesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class Metadata(_message.Message):
     ACTION_LOW_FIELD_NUMBER: _ClassVar[int]
     ACTION_HIGH_FIELD_NUMBER: _ClassVar[int]
     RTC_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
     status: str
     model_id: str
     policy_type: str
@@ -148,7 +149,20 @@ class Metadata(_message.Message):
     action_low: _containers.RepeatedScalarFieldContainer[float]
     action_high: _containers.RepeatedScalarFieldContainer[float]
     rtc: RealTimeChunkingSupport
-    def __init__(self, status: _Optional[str] = ..., model_id: _Optional[str] = ..., policy_type: _Optional[str] = ..., action_dim: _Optional[int] = ..., horizon: _Optional[int] = ..., n_action_steps: _Optional[int] = ..., fps: _Optional[float] = ..., input_features: _Optional[_Mapping[str, FeatureSpec]] = ..., camera_names: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., action_space: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ..., rtc: _Optional[_Union[RealTimeChunkingSupport, _Mapping]] = ...) -> None: ...
+    control: ActionSpace
+    def __init__(self, status: _Optional[str] = ..., model_id: _Optional[str] = ..., policy_type: _Optional[str] = ..., action_dim: _Optional[int] = ..., horizon: _Optional[int] = ..., n_action_steps: _Optional[int] = ..., fps: _Optional[float] = ..., input_features: _Optional[_Mapping[str, FeatureSpec]] = ..., camera_names: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ..., action_space: _Optional[str] = ..., message: _Optional[str] = ..., session_id: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., action_low: _Optional[_Iterable[float]] = ..., action_high: _Optional[_Iterable[float]] = ..., rtc: _Optional[_Union[RealTimeChunkingSupport, _Mapping]] = ..., control: _Optional[_Union[ActionSpace, _Mapping]] = ...) -> None: ...
+
+class ActionSpace(_message.Message):
+    __slots__ = ("ctrl_space", "ctrl_type", "absolute_dims", "gripper_continuous")
+    CTRL_SPACE_FIELD_NUMBER: _ClassVar[int]
+    CTRL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ABSOLUTE_DIMS_FIELD_NUMBER: _ClassVar[int]
+    GRIPPER_CONTINUOUS_FIELD_NUMBER: _ClassVar[int]
+    ctrl_space: str
+    ctrl_type: str
+    absolute_dims: _containers.RepeatedScalarFieldContainer[int]
+    gripper_continuous: bool
+    def __init__(self, ctrl_space: _Optional[str] = ..., ctrl_type: _Optional[str] = ..., absolute_dims: _Optional[_Iterable[int]] = ..., gripper_continuous: bool = ...) -> None: ...
 
 class RealTimeChunkingSupport(_message.Message):
     __slots__ = ("guidance", "max_guidance", "schedule", "execution_horizon")
