@@ -133,3 +133,13 @@ def test_the_client_declares_a_plain_servers_relative_actions() -> None:
     assert first.accepted and server.errors == []
     raw = start[None, :] + 0.01 * np.arange(10, dtype=np.float32)[:, None]  # what the server sent for the first observation
     np.testing.assert_allclose(first.actions, start[None, :] + raw, atol=1e-6)  # anchored on that observation's state
+
+
+def test_the_executors_task_goes_to_a_plain_server_as_its_prompt() -> None:
+    env = FakeEnv(cameras=["front"], image_size=(48, 64), episode_steps=5, keys="openpi")  # no instruction of its own
+    with OpenpiLikeServer() as server, PolicyClient(server.url, timeout=10) as client:
+        executor = Executor(client, env, ExecutorConfig(mode="sync", fps=30.0, task="push the block"), clock=SteppedClock(30.0))
+        executor.run(episodes=1)
+    assert server.errors == [] and server.received
+    assert_only_observations(server.received, step=True)
+    assert {m["prompt"] for m in server.received} == {"push the block"}

@@ -285,6 +285,8 @@ class Executor:
         #: Chunks outside this range (the policy's, widened) are refused; commands are clipped to ``robot_bounds``.
         self.bounds = _bounds(bounds, "bounds", self.policy_dim)
         metadata = _metadata(policy)
+        #: A client of a plain (openpi) server: observations keep openpi's names (``prompt``), nothing policylink-only is added.
+        self._plain = _speaks_plain(policy)
         #: What the policy's actions mean; relative and delta chunks become absolute commands when they arrive.
         self.control = _control(metadata, control, self.policy_dim)
         if not self.control.absolute and isinstance(self.config.merge, RTCSplice):
@@ -348,7 +350,6 @@ class Executor:
         self._last_raw: np.ndarray | None = None
         self._last_chunk_id: int | None = None
         self._last_fresh_time = 0.0
-        self._plain: bool | None = None
         self._tripped = False
         self._last_roundtrip_ms = 0.0
         self._last_server_timing: dict[str, float] = {}
@@ -563,22 +564,13 @@ class Executor:
         if self.config.send_step:
             obs["step"] = np.int64(self.step)
         if self.config.task is not None and "task" not in obs and "prompt" not in obs:
-            obs["prompt" if self._plain_server() else "task"] = self.config.task  # openpi's name for it
+            obs["prompt" if self._plain else "task"] = self.config.task  # openpi's name for it
         anchor = None if self.control.absolute else self._anchor(obs)
         if self._rtc_support is None:
             future = self._pool.submit(self._infer, obs)
         else:  # real-time chunking, or not yet known whether the server can
             future = self._pool.submit(self._infer_rtc, obs, self._rtc_request())
         self._pending = _Request(future, self._chunk_counter, self.step, self.clock.ticks, self.clock.now(), self._generation, anchor=anchor)
-
-    def _plain_server(self) -> bool:
-        """Whether the policy is a client of a plain (openpi) server, which gets only the observation's own keys."""
-        if self._plain is None:
-            try:
-                self._plain = not getattr(self._policy, "speaks_policylink", True)
-            except Exception:  # unreachable for now: ask again with the next request
-                return False
-        return self._plain
 
     def _anchor(self, obs: Observation) -> np.ndarray | None:
         """The observed state, in the policy's action space, that a relative or delta chunk for ``obs`` starts from."""
@@ -960,6 +952,15 @@ def _metadata(policy: Any) -> Any:
     except Exception as exc:  # a client that cannot reach its server: no announced range
         logger.warning("could not read the policy's metadata for its action range: %s", exc)
         return None
+
+
+def _speaks_plain(policy: Any) -> bool:
+    """Whether ``policy`` is a client of a plain (openpi) server (read once, when the executor is built)."""
+    try:
+        return not getattr(policy, "speaks_policylink", True)
+    except Exception as exc:  # a client that cannot reach its server: assume policylink, as before
+        logger.warning("could not read which protocol the server speaks: %s", exc)
+        return False
 
 
 def _control(metadata: Any, given: ActionSpace | None, dim: int) -> ActionSpace:
