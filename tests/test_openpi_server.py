@@ -143,3 +143,28 @@ def test_the_executors_task_goes_to_a_plain_server_as_its_prompt() -> None:
     assert server.errors == [] and server.received
     assert_only_observations(server.received, step=True)
     assert {m["prompt"] for m in server.received} == {"push the block"}
+
+
+def test_the_jump_check_reads_openpis_state_key_when_the_environment_reports_none() -> None:
+    from policylink.runtime.filters import ChunkValidator
+
+    class NoStateEnv(FakeEnv):
+        def state(self):  # like a robot that reports no joint state: only its observation has one
+            return None
+
+    class FarOff(OpenpiStylePolicy):
+        def infer(self, obs):
+            reply = super().infer(obs)
+            reply["actions"] = reply["actions"] + 1.0  # starts 1.0 away from the observed state
+            return reply
+
+    env = NoStateEnv(cameras=["front"], image_size=(48, 64), episode_steps=5, keys="openpi", task="lift")
+    chunks: list[Any] = []
+    listener = type("Chunks", (), {"on_chunk": lambda self, e: chunks.append(e), "on_step": lambda self, e: None,
+                                   "on_episode": lambda self, e: None})()
+    with OpenpiLikeServer(FarOff()) as server, PolicyClient(server.url, timeout=10) as client:
+        executor = Executor(client, env, ExecutorConfig(mode="sync", fps=30.0, first_chunk_attempts=2), clock=SteppedClock(30.0),
+                            listeners=[listener], validator=ChunkValidator(max_jump=0.5))
+        executor.run(episodes=1)
+    assert chunks and not chunks[0].accepted  # the state came from observation/state
+    assert "away from the current state" in chunks[0].reason, chunks[0].reason

@@ -926,7 +926,7 @@ class Executor:
             return None  # displacement or velocity actions: no state is a command to ramp from
         state = self.env.state()
         if state is None:
-            state = self._obs.get("observation.state")
+            state = anchor_state(self._obs)  # the observation's state, under LeRobot's or openpi's key
         return None if state is None else np.asarray(state, dtype=np.float32)
 
     def _call_policy_reset(self) -> None:
