@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +151,39 @@ def test_serve_refuses_an_unsafe_legacy_port(extra: list[str], message: str) -> 
                            "--legacy-tcp-port", str(free_port()), *extra], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and message in done.stderr + done.stdout, done.stderr
 
+
+
+def _frame(sock: socket.socket, payload: bytes) -> Any:
+    """Send one length-prefixed frame; the reply as the legacy client's pickle.loads sees it (or the error it raises)."""
+    sock.sendall(struct.pack(">I", len(payload)) + payload)
+    (length,) = struct.unpack(">I", _recv(sock, 4))
+    try:
+        return pickle.loads(_recv(sock, length))
+    except ValueError as exc:
+        return str(exc)
+
+
+def _recv(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, "connection closed"
+        data += chunk
+    return data
+
+
+def test_garbage_and_oversized_frames_get_clear_errors_and_other_clients_are_served() -> None:
+    policy = StateRamp(ActionSpace())
+    engine = Engine(policy)
+    with running(engine, [LegacyTcpServer(engine, "127.0.0.1", 0, max_frame_bytes=64 * 1024)]) as (server,):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            garbage = _frame(sock, b"\x81\xa5hello")  # msgpack, not a pickle
+            assert "malformed pickle" in garbage and "this legacy port takes pickled MetaObs frames" in garbage, garbage
+            truncated = _frame(sock, pickle.dumps({"state": np.zeros(STATE_DIM)})[:-5])
+            assert "malformed pickle" in truncated, truncated
+            sock.sendall(struct.pack(">I", 10 * 2**20))  # announces 10 MiB on a 64 KiB port
+            (length,) = struct.unpack(">I", _recv(sock, 4))
+            with pytest.raises(ValueError, match="frame of 10485760 bytes exceeds the 65536-byte limit"):
+                pickle.loads(_recv(sock, length))
+            assert sock.recv(1) == b""  # the byte stream cannot be resynchronised: closed
+        assert [r["count"] for r in run_client(server.port, "five")] == [HORIZON] * 5  # everyone else is served
