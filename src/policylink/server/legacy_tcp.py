@@ -95,14 +95,9 @@ class LegacyTcpServer(TcpServer):
 
     async def _answer_legacy(self, session: ClientSession, payload: bytearray, reading: asyncio.Future) -> bytes | None:
         """The pickled ``MetaAction`` list (or error) for one frame; ``None`` when the client left first."""
-        decode = self._decoder(session)
-        encode = functools.partial(self._encode, session)
-        work = asyncio.ensure_future(self.engine.handle(session, payload, decode, encode))
-        await asyncio.wait({work, reading}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():  # the reader hit the end of the stream: nobody will read the reply
-            work.cancel()
+        outcome = await self._handled(session, payload, reading, self._decoder(session), functools.partial(self._encode, session))
+        if outcome is None:
             return None
-        outcome = work.result()
         return outcome.body if outcome.failure is None else self._error_body(outcome.failure)
 
     def _decoder(self, session: ClientSession) -> Any:

@@ -44,7 +44,7 @@ from ..codec import DEFAULT_MAX_MESSAGE_BYTES, Packer, unpackb
 from ..errors import ErrorKind, ProtocolError, RequestError, RequestTooLarge, Unauthorized
 from . import safe_pickle
 from .app import ServesInBlock
-from .engine import COMMAND_KEY, PROTOCOL_VERSION, ClientSession, Engine, Failure, Request
+from .engine import COMMAND_KEY, PROTOCOL_VERSION, ClientSession, Engine, Failure, Outcome, Request
 
 __all__ = ["TcpServer", "legacy_observation", "HEADER", "AUTH_COMMAND"]
 
@@ -280,17 +280,24 @@ class TcpServer(ServesInBlock):
         else:
             decode, encode = _decode_msgpack, packer.pack
         quick = None if pickled else Request.quick_from_msgpack
-        work = asyncio.ensure_future(self.engine.handle(session, payload, decode, encode, quick_decode=quick))
-        await asyncio.wait({work, reading}, return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():  # the reader hit the end of the stream: nobody will read the reply
-            work.cancel()
+        outcome = await self._handled(session, payload, reading, decode, encode, quick)
+        if outcome is None:
             return None
-        outcome = work.result()
         if outcome.failure is None:
             return outcome.body
         if pickled and self.trust_pickle:
             return pickle.dumps({"error": outcome.failure.message, "kind": outcome.failure.kind.value}, protocol=4)
         return packer.pack(_error_map(outcome.failure))
+
+    async def _handled(self, session: ClientSession, payload: bytearray, reading: asyncio.Future, decode: Any, encode: Any,
+                       quick: Any = None) -> Outcome | None:
+        """The engine's outcome for one frame; ``None`` when the client left first (the work is then dropped)."""
+        work = asyncio.ensure_future(self.engine.handle(session, payload, decode, encode, quick_decode=quick))
+        await asyncio.wait({work, reading}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():  # the reader hit the end of the stream: nobody will read the reply
+            work.cancel()
+            return None
+        return work.result()
 
     def _pickle_decoder(self, session: ClientSession) -> Any:
         cameras = session.model.metadata.camera_names if session.model else ()
