@@ -151,6 +151,7 @@ class _Recorder(Env):
     def __init__(self, env: Env, result: EpisodeResult, on_frame: Callable[[], None] | None, stop: threading.Event | None) -> None:
         self.env, self.result, self.on_frame, self.stop = env, result, on_frame, stop
         self.name, self.action_dim, self.fps = env.name, env.action_dim, env.fps
+        self.position_actions = env.position_actions  # displacement actions: the executor ramps from no state
         self.executor: Executor | None = None
 
     @property

@@ -118,15 +118,6 @@ class MetaWorldEnv(GymEnv):
         result.success = bool(result.info.get("success", 0.0))
         return result
 
-    def state(self) -> np.ndarray | None:
-        """The simulator's whole 39-value state (``observation.environment_state``).
-
-        Not ``observation.state``: MetaWorld's actions are displacements, so no
-        state is in their units (:attr:`position_actions` is ``False``), and the
-        4-value hand state, as wide as an action, must not pass for one.
-        """
-        return None if self._last is None else self._last.get("observation.environment_state")
-
     def map_observation(self, raw: Any) -> Observation:
         vector = np.asarray(raw, dtype=np.float32)
         self._frame = self._render_camera()
